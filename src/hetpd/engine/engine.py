@@ -1,0 +1,353 @@
+"""The inference engine: one class, three roles.
+
+* ``colocated``: prompt and generation in this engine.
+* ``prefill``: runs the prompt, samples the first token, then holds the request's KV pages
+  for :meth:`Engine.export_kv` until :meth:`Engine.release_kv` (ownership stays here until
+  the consumer is done with them).
+* ``decode``: :meth:`Engine.import_kv` reserves pages, writes (converting if the formats
+  differ) and continues generation. A decode engine also accepts plain prompts, so it can
+  recompute a request whose prefill side failed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hetpd.core.block_allocator import BlockAllocator
+from hetpd.core.scheduler import Scheduler, SchedulerConfig
+from hetpd.core.sequence import Sequence
+from hetpd.engine.config import EngineConfig
+from hetpd.engine.kv_cache import PagedKVCache
+from hetpd.engine.runner import ModelRunner
+from hetpd.engine.sampler import sample
+from hetpd.kv.convert import convert_tokens
+from hetpd.kv.export import KVExport, pack, unpack_tokens
+from hetpd.kv.format import IncompatibleKVError, KVFormat
+from hetpd.kv.quant import codec_for
+from hetpd.models.config import ModelConfig
+from hetpd.models.loader import load_model
+from hetpd.models.tokenizer import Tokenizer
+from hetpd.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from hetpd.sampling_params import SamplingParams
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    params: SamplingParams
+    seq: Sequence
+    generator: torch.Generator | None
+    arrival_time: float
+    first_token_time: float | None = None
+    logprobs: list[Logprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    text: str | None = None
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one :meth:`Engine.step` did.
+
+    ``finished``: requests that ended this step. ``handed_off``: prefill-role requests whose
+    first token was sampled and whose KV is now held for export. ``logits``: the float32 logits
+    each sampled token was drawn from (rows of the step's logits tensor; for tests and tools).
+    """
+
+    finished: list[RequestOutput]
+    handed_off: list[RequestOutput]
+    sampled: dict[str, int]
+    logits: dict[str, torch.Tensor]
+    num_batched_tokens: int
+    num_preempted: int
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    accepted: bool
+    reason: str = ""
+    finished: RequestOutput | None = None  # set when the imported first token already ends it
+
+
+class Engine:
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_config: ModelConfig,
+        runner: ModelRunner,
+        scheduler: Scheduler,
+        tokenizer: Tokenizer | None,
+        max_model_len: int,
+    ) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.runner = runner
+        self.kv_cache = runner.kv_cache
+        self.scheduler = scheduler
+        self.allocator = scheduler.allocator
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.device = runner.device
+        self._requests: dict[str, _Request] = {}
+        self._held: dict[str, tuple[_Request, list[int]]] = {}
+        self._generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        eos = set(model_config.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> Engine:
+        """Load the model and tokenizer and size the KV pool (this is where the I/O happens)."""
+        model_dir = Path(config.model) if config.model is not None else _default_model_dir()
+        model_config = ModelConfig.from_dir(model_dir)
+        max_model_len = config.max_model_len or model_config.max_position_embeddings
+        device = torch.device(config.device)
+        model = load_model(
+            model_dir, model_config, dtype=config.dtype, quantization=config.quantization, device=device,
+            max_positions=max_model_len,
+        )
+        codec = codec_for(config.resolved_kv_cache_dtype)
+        per_block = PagedKVCache.bytes_per_block(
+            model_config.num_layers, config.block_size, model_config.num_kv_heads, model_config.head_dim, codec
+        )
+        num_blocks = config.num_kv_blocks or max(1, config.kv_cache_memory_bytes // per_block)
+        kv_cache = PagedKVCache(
+            num_layers=model_config.num_layers, num_blocks=num_blocks, block_size=config.block_size,
+            num_kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim, codec=codec, device=device,
+        )
+        allocator = BlockAllocator(num_blocks, config.block_size, config.enable_prefix_caching)
+        scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), allocator)
+        tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").is_file() else None
+        return cls(config, model_config, ModelRunner(model, kv_cache, device), scheduler, tokenizer, max_model_len)
+
+    # ------------------------------------------------------------------ requests
+    @property
+    def kv_format(self) -> KVFormat:
+        codec = self.kv_cache.codec
+        return KVFormat(
+            model_fingerprint=self.model_config.fingerprint,
+            architecture=self.model_config.architecture,
+            num_layers=self.model_config.num_layers,
+            num_kv_heads=self.model_config.num_kv_heads,
+            head_dim=self.model_config.head_dim,
+            dtype=codec.name,
+            page_size=self.kv_cache.block_size,
+            head_start=0,
+            head_end=self.model_config.num_kv_heads,
+            scale_scheme="per_token_head" if codec.quantized else "none",
+            scale_dtype="float32" if codec.quantized else None,
+        )
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
+    ) -> None:
+        """Queue a request; raises ValueError (naming the field) before touching any state."""
+        if request_id in self._requests or request_id in self._held:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        self._validate_tokens(prompt_token_ids, params)
+        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params.max_tokens)
+        self.scheduler.add(seq)
+        self._requests[request_id] = self._new_request(request_id, prompt, params, seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a queued, running or held request and free its pages. False if unknown."""
+        if request_id in self._held:
+            self.release_kv(request_id)
+            return True
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return False
+        self.scheduler.finish(request.seq)
+        return True
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> StepResult:
+        output = self.scheduler.schedule()
+        if output.is_empty:
+            return StepResult([], [], {}, {}, 0, len(output.preempted))
+        step_logits = self.runner.execute(output.chunks)
+        requests = [self._requests[chunk.seq.seq_id] for chunk in step_logits.sampling_chunks]
+        result = sample(step_logits.logits, [r.params for r in requests], [r.generator for r in requests])
+        sampled = {r.request_id: token for r, token in zip(requests, result.token_ids)}
+        self.scheduler.on_step_done(output, sampled)
+
+        now = time.monotonic()
+        finished: list[RequestOutput] = []
+        handed_off: list[RequestOutput] = []
+        for request, token, logprob in zip(requests, result.token_ids, result.logprobs):
+            if request.first_token_time is None:
+                request.first_token_time = now
+            if logprob is not None:
+                request.logprobs.append(Logprob(token, logprob.logprob, logprob.top))
+            if self._check_finish(request, token):
+                self.scheduler.finish(request.seq)
+                del self._requests[request.request_id]
+                finished.append(self._output(request))
+            elif self.config.role == "prefill":
+                blocks = self.scheduler.finish(request.seq, keep_blocks=True)
+                del self._requests[request.request_id]
+                self._held[request.request_id] = (request, blocks)
+                handed_off.append(self._output(request))
+        logits = {r.request_id: step_logits.logits[i] for i, r in enumerate(requests)}
+        return StepResult(finished, handed_off, sampled, logits, output.num_batched_tokens, len(output.preempted))
+
+    # ------------------------------------------------------------------ prefill side
+    def held_request_ids(self) -> list[str]:
+        return list(self._held)
+
+    def export_kv(self, request_id: str) -> KVExport:
+        """Copy a held request's prompt KV out as bytes. The pages stay held until release_kv."""
+        if request_id not in self._held:
+            raise KeyError(f"request {request_id!r} holds no exportable KV on this engine")
+        request, blocks = self._held[request_id]
+        num_tokens = request.seq.num_prompt_tokens
+        slots = self._slots(blocks, len(blocks) * self.kv_cache.block_size)
+        data, scales = self.kv_cache.read_tokens(slots)
+        first_logprob = request.logprobs[0].logprob if request.logprobs else None
+        return KVExport(
+            request_id=request_id,
+            format=self.kv_format,
+            num_tokens=num_tokens,
+            token_ids=tuple(request.seq.token_ids),
+            data=pack(data),
+            scales=None if scales is None else pack(scales),
+            first_token_logprob=first_logprob,
+        )
+
+    def release_kv(self, request_id: str) -> None:
+        """Give a held request's pages back to the pool (after the consumer committed, or on abort)."""
+        _, blocks = self._held.pop(request_id)
+        self.allocator.free(blocks)
+
+    # ------------------------------------------------------------------ decode side
+    def import_kv(self, export: KVExport, params: SamplingParams, request_id: str | None = None) -> ImportResult:
+        """Reserve pages for an export, write it (converted to this engine's KV dtype) and
+        continue generation. Refuses (nothing changed) when pages or sequence slots are short."""
+        request_id = request_id or export.request_id
+        mismatches = export.format.shape_mismatches(self.kv_format)
+        if mismatches:
+            raise IncompatibleKVError("KV from the producer does not fit this model: " + "; ".join(mismatches))
+        if request_id in self._requests or request_id in self._held:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if len(export.token_ids) != export.num_tokens + 1:
+            raise ValueError(f"export carries {len(export.token_ids)} token ids, expected num_tokens + 1")
+        self._validate_tokens(list(export.token_ids[:-1]), params)
+        needed = self.allocator.blocks_for_tokens(export.num_tokens)
+        if not self.scheduler.can_add_running():
+            return ImportResult(False, f"decode engine is running its maximum of {self.config.max_num_seqs} sequences")
+        if needed > self.allocator.num_available():
+            return ImportResult(False, f"needs {needed} KV pages, {self.allocator.num_available()} free")
+
+        data, scales, source = unpack_tokens(export)
+        data, scales = convert_tokens(data, scales, source, self.kv_cache.codec)
+        blocks = self.allocator.allocate(needed)
+        self.kv_cache.write_tokens(self._slots(blocks, export.num_tokens), data, scales)
+
+        seq = Sequence(request_id, list(export.token_ids), export.num_tokens, params.max_tokens)
+        seq.num_computed_tokens = export.num_tokens
+        seq.block_table = blocks
+        self.scheduler.add_running(seq)
+        request = self._new_request(request_id, None, params, seq)
+        request.first_token_time = request.arrival_time
+        first_token = export.token_ids[-1]
+        if params.logprobs is not None and export.first_token_logprob is not None:
+            request.logprobs.append(Logprob(first_token, export.first_token_logprob))
+        self._requests[request_id] = request
+        if self._check_finish(request, first_token):
+            self.scheduler.finish(seq)
+            del self._requests[request_id]
+            return ImportResult(True, finished=self._output(request))
+        return ImportResult(True)
+
+    # ------------------------------------------------------------------ helpers
+    def _new_request(self, request_id: str, prompt: str | None, params: SamplingParams, seq: Sequence) -> _Request:
+        generator = None
+        if not params.greedy:
+            generator = self._generator
+            if params.seed is not None:
+                generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        return _Request(request_id, prompt, params, seq, generator, time.monotonic())
+
+    def _validate_tokens(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise ValueError("prompt is empty: give at least one token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if len(token_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context "
+                f"length {self.max_model_len}; shorten the prompt or lower max_tokens"
+            )
+
+    def _slots(self, blocks: list[int], num_tokens: int) -> torch.Tensor:
+        size = self.kv_cache.block_size
+        positions = torch.arange(num_tokens)
+        table = torch.tensor(blocks, dtype=torch.long)
+        return (table[positions // size] * size + positions % size).to(self.device)
+
+    def _check_finish(self, request: _Request, token: int) -> bool:
+        params, seq = request.params, request.seq
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+            request.finish_reason, request.stop_reason = "stop", token
+            return True
+        if params.stop and self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.output_token_ids, params.skip_special_tokens)
+            for stop in params.stop:
+                index = text.find(stop)
+                if index >= 0:
+                    end = index + len(stop) if params.include_stop_str_in_output else index
+                    request.text, request.finish_reason, request.stop_reason = text[:end], "stop", stop
+                    return True
+        if seq.num_output_tokens >= params.max_tokens:
+            request.finish_reason = "length"
+            return True
+        return False
+
+    def _output(self, request: _Request) -> RequestOutput:
+        seq = request.seq
+        token_ids = tuple(seq.output_token_ids)
+        text = request.text
+        if text is None and self.tokenizer is not None:
+            # A stop token ends generation but is not part of the text.
+            shown = token_ids[:-1] if isinstance(request.stop_reason, int) else token_ids
+            text = self.tokenizer.decode(shown, request.params.skip_special_tokens)
+        finished = request.finish_reason is not None
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=tuple(seq.prompt_token_ids),
+            outputs=[
+                CompletionOutput(
+                    text=text or "",
+                    token_ids=token_ids,
+                    finish_reason=request.finish_reason,
+                    stop_reason=request.stop_reason,
+                    logprobs=tuple(request.logprobs) if request.params.logprobs is not None else None,
+                )
+            ],
+            finished=finished,
+            metrics=RequestMetrics(
+                arrival_time=request.arrival_time,
+                first_token_time=request.first_token_time,
+                finished_time=time.monotonic() if finished else None,
+                num_cached_tokens=seq.num_cached_prompt_tokens,
+                num_preemptions=seq.num_preemptions,
+            ),
+        )
+
+
+def _default_model_dir() -> Path:
+    from hetpd.models.default_model import default_model_dir
+
+    return default_model_dir()

@@ -1,0 +1,100 @@
+"""Turns one scheduler decision into tensors, runs the model, returns the logits to sample."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from hetpd.core.scheduler import ScheduledChunk
+from hetpd.engine.attention import AttentionMetadata
+from hetpd.engine.kv_cache import PagedKVCache
+from hetpd.models.llama import LlamaModel
+
+
+@dataclass(frozen=True)
+class StepLogits:
+    """Logits [S, vocab] (float32) for the chunks that sample, in ``sampling_chunks`` order."""
+
+    logits: torch.Tensor
+    sampling_chunks: tuple[ScheduledChunk, ...]
+
+
+class ModelRunner:
+    """Holds the model and the KV pool of one engine; stateless between steps."""
+
+    def __init__(self, model: LlamaModel, kv_cache: PagedKVCache, device: torch.device) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.device = device
+        self.block_size = kv_cache.block_size
+        self.sliding_window = model.config.sliding_window
+
+    @torch.inference_mode()
+    def execute(self, chunks: Sequence[ScheduledChunk]) -> StepLogits:
+        input_ids, positions, meta, sample_rows = self._prepare(chunks)
+        hidden = self.model(input_ids, positions, self.kv_cache, meta)
+        sampling = tuple(chunk for chunk in chunks if chunk.samples)
+        if not sampling:
+            return StepLogits(hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32), ())
+        logits = self.model.compute_logits(hidden[sample_rows])
+        return StepLogits(logits, sampling)
+
+    def _prepare(
+        self, chunks: Sequence[ScheduledChunk]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        block_size = self.block_size
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        for chunk in chunks:
+            table = chunk.seq.block_table
+            end = chunk.start + chunk.num_tokens
+            tokens.extend(chunk.seq.token_ids[chunk.start : end])
+            positions.extend(range(chunk.start, end))
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(chunk.start, end))
+            if chunk.samples:
+                sample_rows.append(len(tokens) - 1)
+
+        device = self.device
+        batch = len(chunks)
+        query_lens = torch.tensor([c.num_tokens for c in chunks])
+        starts = torch.tensor([c.start for c in chunks])
+        max_query = int(query_lens.max())
+        max_context = int((starts + query_lens).max())
+        max_blocks = -(-max_context // block_size)
+        tables = torch.zeros(batch, max_blocks, dtype=torch.long)
+        for row, chunk in enumerate(chunks):
+            used = chunk.seq.block_table[:max_blocks]
+            tables[row, : len(used)] = torch.tensor(used, dtype=torch.long)
+        context_pos = torch.arange(max_context)
+        context_slots = tables[:, context_pos // block_size] * block_size + context_pos % block_size
+
+        query_offsets = torch.arange(max_query)
+        query_pos = starts[:, None] + query_offsets[None, :]  # [B, Q]
+        mask = context_pos[None, None, :] <= query_pos[:, :, None]  # causal, and within context
+        if self.sliding_window is not None:
+            mask &= context_pos[None, None, :] > query_pos[:, :, None] - self.sliding_window
+        valid_query = query_offsets[None, :] < query_lens[:, None]
+        # Padding queries attend to position 0 only, so SDPA never sees an all-masked row.
+        mask[:, :, 0] |= ~valid_query
+
+        query_index: torch.Tensor | None = None
+        if max_query > 1:
+            query_index = (torch.arange(batch)[:, None] * max_query + query_offsets[None, :])[valid_query].to(device)
+
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            context_slots=context_slots.to(device),
+            mask=mask.unsqueeze(1).to(device),
+            query_index=query_index,
+            max_query_len=max_query,
+        )
+        return (
+            torch.tensor(tokens, dtype=torch.long, device=device),
+            torch.tensor(positions, dtype=torch.long, device=device),
+            meta,
+            torch.tensor(sample_rows, dtype=torch.long, device=device),
+        )
