@@ -22,6 +22,10 @@ from hetpd.models.config import ModelConfig, RopeConfig
 class Int8Linear(nn.Module):
     """Weight-only int8 linear layer: per-output-channel absmax scales, activations unchanged."""
 
+    weight_int8: torch.Tensor
+    scales: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_dtype: torch.dtype) -> None:
         super().__init__()
         w = weight.float()
@@ -32,7 +36,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        out = torch._weight_int8pack_mm(flat, self.weight_int8, self.scales)
+        out: torch.Tensor = torch._weight_int8pack_mm(flat, self.weight_int8, self.scales)
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], -1)
@@ -131,11 +135,15 @@ class DecoderLayer(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: PagedKVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        out: torch.Tensor = x + self.mlp(self.post_attention_layernorm(x))
+        return out
 
 
 class LlamaModel(nn.Module):
     """Embedding, decoder layers, final norm and LM head; logits only where asked."""
+
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
 
     def __init__(self, config: ModelConfig, max_positions: int) -> None:
         super().__init__()
