@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -350,4 +351,15 @@ class Engine:
 def _default_model_dir() -> Path:
     from hetpd.models.default_model import default_model_dir
 
-    return default_model_dir()
+    printed: list[str] = []
+
+    def progress(message: str) -> None:
+        # Conversion runs once per machine; show it, one overwritten line per tensor.
+        printed.append(message)
+        print(f"\rconverting the embedded SmolLM2-135M-Instruct GGUF (first use): {message[:60]:<60}",
+              end="", file=sys.stderr, flush=True)
+
+    folder = default_model_dir(progress=progress)
+    if printed:
+        print(file=sys.stderr)
+    return folder
