@@ -152,7 +152,10 @@ class Engine:
         if request_id in self._requests or request_id in self._held:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self._validate_tokens(prompt_token_ids, params)
-        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params.max_tokens)
+        # A prefill engine only ever computes the prompt and samples one token; budgeting its
+        # pool for the whole generation would refuse requests it can serve.
+        horizon = 1 if self.config.role == "prefill" else params.max_tokens
+        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), horizon)
         self.scheduler.add(seq)
         self._requests[request_id] = self._new_request(request_id, prompt, params, seq)
 
