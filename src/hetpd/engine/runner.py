@@ -30,6 +30,7 @@ class ModelRunner:
         self.device = device
         self.block_size = kv_cache.block_size
         self.sliding_window = model.config.sliding_window
+        self.gqa_group = model.config.num_heads // model.config.num_kv_heads
 
     @torch.inference_mode()
     def execute(self, chunks: Sequence[ScheduledChunk]) -> StepLogits:
@@ -80,6 +81,9 @@ class ModelRunner:
         valid_query = query_offsets[None, :] < query_lens[:, None]
         # Padding queries attend to position 0 only, so SDPA never sees an all-masked row.
         mask[:, :, 0] |= ~valid_query
+        # One mask row per (query head in a KV group, query position): see paged_attention.
+        mask = mask.unsqueeze(1).expand(batch, self.gqa_group, max_query, max_context)
+        mask = mask.reshape(batch, 1, self.gqa_group * max_query, max_context)
 
         query_index: torch.Tensor | None = None
         if max_query > 1:
@@ -87,10 +91,12 @@ class ModelRunner:
 
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-            context_slots=context_slots.to(device),
-            mask=mask.unsqueeze(1).to(device),
+            context_slots=context_slots.flatten().to(device),
+            mask=mask.to(device),
             query_index=query_index,
+            batch_size=batch,
             max_query_len=max_query,
+            max_context_len=max_context,
         )
         return (
             torch.tensor(tokens, dtype=torch.long, device=device),

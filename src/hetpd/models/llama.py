@@ -106,7 +106,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         kv_cache.write(self.layer_index, k, v, meta.slot_mapping)
         k_ctx, v_ctx = kv_cache.read(self.layer_index, meta.context_slots, q.dtype)
-        out: torch.Tensor = self.o_proj(paged_attention(q, k_ctx, v_ctx, meta))
+        context_shape = (meta.batch_size, meta.max_context_len, self.num_kv_heads, self.head_dim)
+        out: torch.Tensor = self.o_proj(paged_attention(q, k_ctx.view(context_shape), v_ctx.view(context_shape), meta))
         return out
 
 
