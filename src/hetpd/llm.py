@@ -65,7 +65,10 @@ class LLM:
     def _run(self, request_ids: list[str], progress: Progress | None) -> list[RequestOutput]:
         outputs: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished():
-            for output in self.engine.step().finished:
+            step = self.engine.step()
+            if step.num_batched_tokens == 0 and not step.num_preempted:
+                raise RuntimeError("the engine has queued requests but cannot schedule any (KV pool held elsewhere?)")
+            for output in step.finished:
                 outputs[output.request_id] = output
                 if progress is not None:
                     progress(len(outputs), len(request_ids))

@@ -82,7 +82,8 @@ class DisaggregatedPair:
             if self.decode.has_unfinished():
                 for out in self.decode.step().finished:
                     outputs[out.request_id] = out
-            elif pending and not self.prefill.has_unfinished():
+            elif pending:
+                # An idle decode engine has its whole pool free: refusing now means refusing forever.
                 raise RuntimeError("decode engine cannot fit a handed-off request even when idle: raise its KV pool")
 
         merged = []

@@ -1,0 +1,16 @@
+"""The pure-Python layers import without torch, so the planner's simulator can reuse them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+PURE_MODULES = ["hetpd.core.scheduler", "hetpd.core.block_allocator", "hetpd.core.sequence", "hetpd.kv.format",
+                "hetpd.models.config", "hetpd.sampling_params", "hetpd.outputs"]
+
+
+def test_pure_layers_do_not_import_torch() -> None:
+    code = "import sys\n" + "".join(f"import {m}\n" for m in PURE_MODULES) + "print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
