@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _generate(args)
         if args.command == "import-gguf":
             return _import_gguf(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         print(f"hetpd: error: {error}", file=sys.stderr)
         return 2
     return 1

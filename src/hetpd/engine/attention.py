@@ -48,7 +48,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
     kv_heads = k.shape[2]
     group = num_heads // kv_heads
     if meta.query_index is None:
-        padded = q.view(batch, 1, num_heads, head_dim)
+        padded = q.reshape(batch, 1, num_heads, head_dim)
     else:
         padded = q.new_zeros(batch * max_query, num_heads, head_dim)
         padded[meta.query_index] = q

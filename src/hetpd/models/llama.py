@@ -66,11 +66,13 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     return inv_freq
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (HF convention). x: [T, heads, D]; cos, sin: [T, 1, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (HF convention). x: [T, heads, D]; cos, signed_sin: [T, 1, D].
+
+    HF computes ``x * cos + cat(-x2, x1) * sin``; with ``signed_sin = cat(-sin1, sin2)`` that is
+    ``x * cos + roll(x, D/2) * signed_sin``: the same products, bit for bit, in fewer kernels.
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class RMSNorm(nn.Module):
@@ -91,7 +93,6 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
         q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        self.split_sizes = [q_size, kv_size, kv_size]
         # q, k and v fused into one matmul: fewer kernel launches per layer.
         self.qkv_proj: nn.Module = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
         self.o_proj: nn.Module = nn.Linear(q_size, config.hidden_size, bias=config.o_proj_bias)
@@ -101,14 +102,13 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: PagedKVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        num_tokens, heads = x.shape[0], self.num_heads
+        qkv = self.qkv_proj(x).view(num_tokens, heads + 2 * self.num_kv_heads, self.head_dim)
+        qk, v = qkv[:, : heads + self.num_kv_heads], qkv[:, heads + self.num_kv_heads :]
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = torch.cat((self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])), dim=1)
+        qk = apply_rope(qk, cos, sin)  # q and k heads are adjacent: one rotation for both
+        q, k = qk[:, :heads], qk[:, heads:]
         kv_cache.write(self.layer_index, k, v, meta.slot_mapping)
         k_ctx, v_ctx = kv_cache.read(self.layer_index, meta.context_slots, q.dtype)
         context_shape = (meta.batch_size, meta.max_context_len, self.num_kv_heads, self.head_dim)
@@ -164,10 +164,10 @@ class LlamaModel(nn.Module):
 
     @staticmethod
     def rope_tables(config: ModelConfig, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin, float32 [max_positions, head_dim], computed as HF does (fp32 outer product)."""
+        """cos and signed sin (see :func:`apply_rope`), float32 [max_positions, head_dim],
+        from the same fp32 outer product HF uses."""
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), rope_inv_freq(config.rope, config.head_dim))
-        angles = torch.cat((angles, angles), dim=-1)
-        return angles.cos(), angles.sin()
+        return torch.cat((angles, angles), dim=-1).cos(), torch.cat((-angles.sin(), angles.sin()), dim=-1)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: PagedKVCache, meta: AttentionMetadata

@@ -20,7 +20,7 @@ WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QUANTIZATIONS = (None, "int8")
 
 
-class MissingWeightError(KeyError):
+class MissingWeightError(ValueError):
     pass
 
 
