@@ -244,16 +244,21 @@ class HFRunner:
         return end - start, timer.first - start, end - timer.first, new
 
     def generate(self, prompts: Sequence[list[int]], max_new: int, batched: bool) -> Run:
+        return self._run_groups(GEN_BATCH if batched else GEN_SEQ, self._generate, prompts, max_new, batched)
+
+    @staticmethod
+    def _run_groups(system: str, run_one: Callable[[list[list[int]], int], tuple[float, float, float, list[list[int]]]],
+                    prompts: Sequence[list[int]], max_new: int, batched: bool) -> Run:
+        """All prompts as one padded batch, or one request after another; times summed."""
         groups = [list(prompts)] if batched else [[p] for p in prompts]
         total = prefill = decode = 0.0
         outputs: list[list[int]] = []
         for group in groups:
-            t, p, d, new = self._generate(group, max_new)
+            t, p, d, new = run_one(group, max_new)
             total, prefill, decode = total + t, prefill + p, decode + d
             outputs.extend(new)
         steps = (max_new - 1) * len(groups)
-        return Run(GEN_BATCH if batched else GEN_SEQ, len(prompts), max_new, total, prefill, decode,
-                   len(prompts) * (max_new - 1), steps, outputs)
+        return Run(system, len(prompts), max_new, total, prefill, decode, len(prompts) * (max_new - 1), steps, outputs)
 
     # -- hand-written loop
     @torch.inference_mode()
@@ -283,16 +288,7 @@ class HFRunner:
         return end - start, first - start, end - first, torch.stack(tokens, dim=1).tolist()
 
     def loop(self, prompts: Sequence[list[int]], max_new: int, batched: bool) -> Run:
-        groups = [list(prompts)] if batched else [[p] for p in prompts]
-        total = prefill = decode = 0.0
-        outputs: list[list[int]] = []
-        for group in groups:
-            t, p, d, new = self._loop(group, max_new)
-            total, prefill, decode = total + t, prefill + p, decode + d
-            outputs.extend(new)
-        steps = (max_new - 1) * len(groups)
-        return Run(LOOP_BATCH if batched else LOOP_SEQ, len(prompts), max_new, total, prefill, decode,
-                   len(prompts) * (max_new - 1), steps, outputs)
+        return self._run_groups(LOOP_BATCH if batched else LOOP_SEQ, self._loop, prompts, max_new, batched)
 
 
 # ---------------------------------------------------------------------------- machine limits
