@@ -19,34 +19,6 @@ from hetpd.engine.kv_cache import PagedKVCache
 from hetpd.models.config import ModelConfig, RopeConfig
 
 
-class Int8Linear(nn.Module):
-    """Weight-only int8 linear layer: per-output-channel absmax scales.
-
-    The int8 matmul always runs with bfloat16 activations: torch's CPU kernel for float32
-    activations is ~50x slower at batch 16 (measured), and int8 weights already cost more
-    precision than bf16 activations do. Output is cast back to the engine's dtype.
-    """
-
-    weight_int8: torch.Tensor
-    scales: torch.Tensor
-    bias: torch.Tensor | None
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_dtype: torch.dtype) -> None:
-        super().__init__()
-        w = weight.float()
-        scales = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
-        self.register_buffer("weight_int8", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scales", scales.to(torch.bfloat16))
-        self.register_buffer("bias", None if bias is None else bias.to(act_dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        out: torch.Tensor = torch._weight_int8pack_mm(flat, self.weight_int8, self.scales).to(x.dtype)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.view(*x.shape[:-1], -1)
-
-
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     """Inverse frequencies (float32, [head_dim // 2]) with the configured scaling applied."""
     inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))

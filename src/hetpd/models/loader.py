@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from torch import nn
 
 from hetpd.models.config import ModelConfig
-from hetpd.models.llama import Int8Linear, LlamaModel
+from hetpd.models.linear import Int8Linear, PrepackedLinear, swap_linears
+from hetpd.models.llama import LlamaModel
 
 WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QUANTIZATIONS = (None, "int8")
@@ -108,14 +108,8 @@ def load_model(
     real = LlamaModel.rope_tables(config, max_positions)
     model.rope_cos, model.rope_sin = real[0].to(device), real[1].to(device)
     if quantization == "int8":
-        _quantize_linears(model, torch_dtype)
+        swap_linears(model, lambda w, b: Int8Linear(w, b, torch_dtype), include_lm_head=False)
+    if PrepackedLinear.supported(device, torch_dtype):
+        # The tied lm_head gets its own packed copy; the embedding keeps the plain weight.
+        swap_linears(model, PrepackedLinear, include_lm_head=True)
     return model.eval()
-
-
-def _quantize_linears(model: LlamaModel, act_dtype: torch.dtype) -> None:
-    """Swap every projection inside the decoder layers for an :class:`Int8Linear`."""
-    for layer in model.layers:
-        for parent, attr in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"), (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
-            linear = getattr(parent, attr)
-            assert isinstance(linear, nn.Linear)
-            setattr(parent, attr, Int8Linear(linear.weight.data, linear.bias.data if linear.bias is not None else None, act_dtype))
