@@ -395,40 +395,35 @@ def merge_best(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- what a step must do
 def model_costs(engine: Any) -> dict[str, Any]:
-    """Parameter counts and bytes of the hetpd model, from its actual modules."""
+    """Parameter counts and bytes of the hetpd model, from its config and precision.
+
+    Counted from shapes rather than from module attributes, since the loader swaps projections
+    for prepacked (oneDNN) or int8 variants whose storage is not an ``nn.Linear`` weight."""
     model = engine.runner.model
     cfg = engine.model_config
-    linear_params = linear_bytes = 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            linear_params += module.weight.numel()
-            linear_bytes += module.weight.numel() * module.weight.element_size()
-            if module.bias is not None:
-                linear_bytes += module.bias.numel() * module.bias.element_size()
-        elif hasattr(module, "weight_int8"):  # Int8Linear
-            linear_params += module.weight_int8.numel()
-            linear_bytes += module.weight_int8.numel() + module.scales.numel() * module.scales.element_size()
+    q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    per_layer = cfg.hidden_size * (q_size + 2 * kv_size) + q_size * cfg.hidden_size + 3 * cfg.hidden_size * cfg.intermediate_size
+    layer_params = cfg.num_layers * per_layer
+    lm_head_params = cfg.vocab_size * cfg.hidden_size
+    act_bytes = torch.finfo(model.embed_tokens.weight.dtype).bits // 8
+    # int8 weight-only stores one byte per weight plus one bf16 scale per output row; the LM head stays in dtype.
+    if engine.config.quantization == "int8":
+        rows = cfg.num_layers * ((q_size + 2 * kv_size) + cfg.hidden_size + 2 * cfg.intermediate_size + cfg.hidden_size)
+        layer_bytes = layer_params + 2 * rows
+    else:
+        layer_bytes = layer_params * act_bytes
     norm_bytes = sum(
         p.numel() * p.element_size() for name, p in model.named_parameters() if name.endswith("norm.weight")
     )
-    seen: set[int] = set()
-    unique_param_bytes = 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            unique_param_bytes += p.numel() * p.element_size()
-    act_bytes = torch.finfo(model.embed_tokens.weight.dtype).bits // 8
     kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * engine.kv_cache.codec.element_bytes
     return {
-        "matmul_params": linear_params,  # lm_head counted once (it is one full matmul read per step)
-        "matmul_weight_bytes": linear_bytes,
+        "matmul_params": layer_params + lm_head_params,  # lm_head counted once (one full matmul read per step)
+        "matmul_weight_bytes": layer_bytes + lm_head_params * act_bytes,
         "norm_bytes": norm_bytes,
         "embedding_row_bytes": cfg.hidden_size * act_bytes,
-        "unique_param_bytes_in_memory": unique_param_bytes,
         "kv_bytes_per_token": kv_bytes_per_token,
         "attn_flops_per_context_token": 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim,
         "lm_head_tied": cfg.tie_word_embeddings,
-        "lm_head_shares_storage_with_embedding": model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr(),
     }
 
 
