@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from hetpd.core.scheduler import ScheduledChunk
-from hetpd.engine.attention import AttentionMetadata
+from hetpd.engine.attention import AttentionGroup, AttentionMetadata
 from hetpd.engine.kv_cache import PagedKVCache
 from hetpd.models.llama import LlamaModel
 
@@ -34,9 +34,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, chunks: Sequence[ScheduledChunk]) -> StepLogits:
-        input_ids, positions, meta, sample_rows = self._prepare(chunks)
+        # Shortest context first, so attention groups are contiguous runs of the flat batch.
+        ordered = sorted(chunks, key=lambda c: c.start + c.num_tokens)
+        input_ids, positions, meta, sample_rows = self._prepare(ordered)
         hidden = self.model(input_ids, positions, self.kv_cache, meta)
-        sampling = tuple(chunk for chunk in chunks if chunk.samples)
+        sampling = tuple(chunk for chunk in ordered if chunk.samples)
         if not sampling:
             return StepLogits(hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32), ())
         logits = self.model.compute_logits(hidden[sample_rows])
@@ -59,7 +61,24 @@ class ModelRunner:
             if chunk.samples:
                 sample_rows.append(len(tokens) - 1)
 
+        groups = []
+        token_start = 0
+        for first, last in _split_by_context([c.start + c.num_tokens for c in chunks]):
+            group = self._group(chunks[first:last], token_start)
+            groups.append(group)
+            token_start = group.token_end
         device = self.device
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=device), groups=tuple(groups))
+        return (
+            torch.tensor(tokens, dtype=torch.long, device=device),
+            torch.tensor(positions, dtype=torch.long, device=device),
+            meta,
+            torch.tensor(sample_rows, dtype=torch.long, device=device),
+        )
+
+    def _group(self, chunks: Sequence[ScheduledChunk], token_start: int) -> AttentionGroup:
+        """Padded context view, mask and query placement for one group of sequences."""
+        block_size = self.block_size
         batch = len(chunks)
         query_lens = torch.tensor([c.num_tokens for c in chunks])
         starts = torch.tensor([c.start for c in chunks])
@@ -87,20 +106,35 @@ class ModelRunner:
 
         query_index: torch.Tensor | None = None
         if max_query > 1:
-            query_index = (torch.arange(batch)[:, None] * max_query + query_offsets[None, :])[valid_query].to(device)
-
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-            context_slots=context_slots.flatten().to(device),
-            mask=mask.to(device),
+            query_index = (torch.arange(batch)[:, None] * max_query + query_offsets[None, :])[valid_query].to(self.device)
+        return AttentionGroup(
+            token_start=token_start,
+            token_end=token_start + int(query_lens.sum()),
+            context_slots=context_slots.flatten().to(self.device),
+            mask=mask.to(self.device),
             query_index=query_index,
             batch_size=batch,
             max_query_len=max_query,
             max_context_len=max_context,
         )
-        return (
-            torch.tensor(tokens, dtype=torch.long, device=device),
-            torch.tensor(positions, dtype=torch.long, device=device),
-            meta,
-            torch.tensor(sample_rows, dtype=torch.long, device=device),
-        )
+
+
+# A second attention call per layer pays for itself only when it saves this much padded work.
+_MIN_SAVING = 0.25
+
+
+def _split_by_context(contexts: list[int]) -> list[tuple[int, int]]:
+    """Ranges of sequences (sorted by context length) that share one padded attention call.
+
+    Two groups when splitting saves at least ``_MIN_SAVING`` of the padded context positions
+    (B * max_context), else one."""
+    count = len(contexts)
+    whole = count * contexts[-1]
+    best_cost, best_split = whole, count
+    for split in range(1, count):
+        cost = split * contexts[split - 1] + (count - split) * contexts[-1]
+        if cost < best_cost:
+            best_cost, best_split = cost, split
+    if best_split == count or best_cost > (1 - _MIN_SAVING) * whole:
+        return [(0, count)]
+    return [(0, best_split), (best_split, count)]

@@ -82,9 +82,7 @@ class Attention(nn.Module):
         qk = apply_rope(qk, cos, sin)  # q and k heads are adjacent: one rotation for both
         q, k = qk[:, :heads], qk[:, heads:]
         kv_cache.write(self.layer_index, k, v, meta.slot_mapping)
-        k_ctx, v_ctx = kv_cache.read(self.layer_index, meta.context_slots, q.dtype)
-        context_shape = (meta.batch_size, meta.max_context_len, self.num_kv_heads, self.head_dim)
-        out: torch.Tensor = self.o_proj(paged_attention(q, k_ctx.view(context_shape), v_ctx.view(context_shape), meta))
+        out: torch.Tensor = self.o_proj(paged_attention(q, kv_cache, self.layer_index, meta))
         return out
 
 

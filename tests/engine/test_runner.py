@@ -1,0 +1,22 @@
+"""Attention grouping: sequences share a padded attention call only when that wastes little."""
+
+from __future__ import annotations
+
+from hetpd.engine.runner import _split_by_context
+
+
+def test_similar_contexts_stay_in_one_group() -> None:
+    assert _split_by_context([100, 110, 120, 128]) == [(0, 4)]
+    assert _split_by_context([7]) == [(0, 1)]
+
+
+def test_short_and_long_contexts_split_where_padding_is_saved() -> None:
+    groups = _split_by_context([10, 12, 15, 20, 200, 210, 220, 230])
+    assert groups == [(0, 4), (4, 8)]
+
+
+def test_groups_cover_every_sequence_in_order() -> None:
+    contexts = sorted([3, 90, 41, 17, 9, 64, 250, 251, 5, 128])
+    groups = _split_by_context(contexts)
+    assert groups[0][0] == 0 and groups[-1][1] == len(contexts)
+    assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
