@@ -74,9 +74,7 @@ def test_converted_handoff_stays_within_the_codec_error(
     # Element by element, the consumer now holds the producer's values within its own codec's rounding.
     data, scales, producer_codec = unpack_tokens(export)
     sent = producer_codec.decode(data, scales, torch.float32)
-    table = decode.scheduler.running[0].block_table
-    size = decode.kv_cache.block_size
-    slots = torch.tensor([table[p // size] * size + p % size for p in range(export.num_tokens)])
+    slots = decode.kv_cache.slots_of(decode.scheduler.running[0].block_table, export.num_tokens)
     held, held_scales = decode.kv_cache.read_tokens(slots)
     received = decode.kv_cache.codec.decode(held, held_scales, torch.float32)
     bound = decode.kv_cache.codec.scale_bound * sent.abs().amax(dim=-1, keepdim=True) * 1.0001

@@ -191,14 +191,6 @@ class BlockAllocator:
         self._block_to_hash[block_id] = block_hash
         return True
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached block (in-use blocks keep their data but lose their hash)."""
-        for block_id in self._evictable:
-            self._free.append(block_id)
-        self._evictable.clear()
-        self._hash_to_block.clear()
-        self._block_to_hash.clear()
-
     # ------------------------------------------------------------------ checking
     def check_invariants(self) -> None:
         """Raise AssertionError if the free / cached / in-use partition is broken."""

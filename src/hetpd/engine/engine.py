@@ -214,7 +214,7 @@ class Engine:
             raise KeyError(f"request {request_id!r} holds no exportable KV on this engine")
         request, blocks = self._held[request_id]
         num_tokens = request.seq.num_prompt_tokens
-        slots = self._slots(blocks, len(blocks) * self.kv_cache.block_size)
+        slots = self.kv_cache.slots_of(blocks, len(blocks) * self.kv_cache.block_size)
         data, scales = self.kv_cache.read_tokens(slots)
         first_logprob = request.logprobs[0].logprob if request.logprobs else None
         return KVExport(
@@ -254,7 +254,7 @@ class Engine:
         data, scales, source = unpack_tokens(export)
         data, scales = convert_tokens(data, scales, source, self.kv_cache.codec)
         blocks = self.allocator.allocate(needed)
-        self.kv_cache.write_tokens(self._slots(blocks, export.num_tokens), data, scales)
+        self.kv_cache.write_tokens(self.kv_cache.slots_of(blocks, export.num_tokens), data, scales)
 
         seq = Sequence(request_id, list(export.token_ids), export.num_tokens, params.max_tokens)
         seq.num_computed_tokens = export.num_tokens
@@ -293,12 +293,6 @@ class Engine:
                 f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context "
                 f"length {self.max_model_len}; shorten the prompt or lower max_tokens"
             )
-
-    def _slots(self, blocks: list[int], num_tokens: int) -> torch.Tensor:
-        size = self.kv_cache.block_size
-        positions = torch.arange(num_tokens)
-        table = torch.tensor(blocks, dtype=torch.long)
-        return (table[positions // size] * size + positions % size).to(self.device)
 
     def _check_finish(self, request: _Request, token: int) -> bool:
         params, seq = request.params, request.seq

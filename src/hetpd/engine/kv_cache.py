@@ -46,6 +46,12 @@ class PagedKVCache:
         per_token_head = head_dim * codec.element_bytes + (4 if codec.quantized else 0)
         return 2 * num_layers * block_size * num_kv_heads * per_token_head
 
+    def slots_of(self, blocks: list[int], num_tokens: int) -> torch.Tensor:
+        """Pool slots of the first ``num_tokens`` positions of a sequence holding ``blocks``."""
+        positions = torch.arange(num_tokens)
+        table = torch.tensor(blocks, dtype=torch.long)
+        return (table[positions // self.block_size] * self.block_size + positions % self.block_size).to(self.device)
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """Store new tokens' K and V ([T, kv_heads, head_dim]) at ``slots`` ([T])."""
         k_data, k_scale = self.codec.encode(k)
