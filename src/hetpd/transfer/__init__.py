@@ -1,0 +1,21 @@
+"""KV byte transports: move a request's KV bytes from the prefill side to the decode side.
+
+Bytes only, no torch. ``base`` is the interface; backends: ``inproc``, ``shm``, ``tcp``,
+``nixl``; ``factory.make_sender`` / ``make_receiver`` pick one by name.
+"""
+
+from __future__ import annotations
+
+from hetpd.transfer.base import (
+    FaultInjection,
+    RegionDescriptor,
+    Span,
+    TransferReceiver,
+    TransferResult,
+    TransferSender,
+    TransferStatus,
+)
+from hetpd.transfer.factory import BACKENDS, make_receiver, make_sender
+
+__all__ = ["BACKENDS", "FaultInjection", "RegionDescriptor", "Span", "TransferReceiver", "TransferResult",
+           "TransferSender", "TransferStatus", "make_receiver", "make_sender"]

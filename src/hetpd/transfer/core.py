@@ -1,0 +1,275 @@
+"""The backend-independent half of every sender and receiver. Pure Python.
+
+:class:`ReceiverCore` keeps the regions, the ledger and the rules (expect before data, one
+peer per transfer, bounds re-checked, checksum verified under the transfer's write lock);
+:class:`SenderCore` keeps source regions, validates posts, cuts spans into checksummed pieces
+and turns the receiver's verdicts into results. A backend adds only how bytes and messages
+move (``_send_*`` / ``_tell_peer``).
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from abc import abstractmethod
+from collections.abc import Hashable, Iterator, Sequence
+
+from hetpd.transfer.base import (
+    Buffer,
+    FaultInjection,
+    RegionDescriptor,
+    Span,
+    TransferReceiver,
+    TransferResult,
+    TransferSender,
+    TransferStatus,
+    check_name,
+    check_spans,
+    writable_view,
+)
+from hetpd.transfer.checksum import PIECE_BYTES, digest, mismatch_message, pieces
+from hetpd.transfer.ledger import Ledger, TransferRecord
+
+_RECEIVER_HINT = "call expect(transfer_id, region) first; each result is delivered once"
+_SENDER_HINT = "post it first; each result is delivered once"
+
+
+class ReceiverCore(TransferReceiver):
+    """Regions + ledger + the write rules; subclasses move the bytes."""
+
+    def __init__(self) -> None:
+        self._regions: dict[str, memoryview] = {}
+        self._regions_lock = threading.Lock()
+        self._ledger = Ledger(on_end=self._on_end)
+        self._closed = False
+        self.token = uuid.uuid4().hex  # names this receiver in its descriptors
+
+    @abstractmethod
+    def _address(self) -> dict[str, str | int]:
+        """What a sender needs to reach this receiver."""
+
+    @abstractmethod
+    def _tell_peer(self, peer: Hashable, result: TransferResult) -> None:
+        """Send the verdict on a transfer to the sender it is bound to (best effort)."""
+
+    # ------------------------------------------------------------------ public API
+    def register_region(self, name: str, buffer: Buffer) -> RegionDescriptor:
+        check_name(name, "region name")
+        view = writable_view(buffer, f"region {name!r}")
+        with self._regions_lock:
+            if name in self._regions:
+                raise ValueError(f"region {name!r} is already registered; unregister it or pick another name")
+            self._regions[name] = view
+        return RegionDescriptor(self.backend, name, len(view), {"receiver": self.token, **self._address()})
+
+    def unregister_region(self, name: str) -> None:
+        with self._regions_lock:
+            if name not in self._regions:
+                raise ValueError(f"unknown region {name!r}; registered: {sorted(self._regions)}")
+            live = [r.transfer_id for r in self._ledger.records() if r.region == name and r.result is None]
+            if live:
+                raise ValueError(f"region {name!r} has live transfers {live}; wait for or cancel them first")
+            del self._regions[name]
+
+    def expect(self, transfer_id: str, region: str) -> None:
+        check_name(transfer_id, "transfer_id")
+        with self._regions_lock:
+            if region not in self._regions:
+                raise ValueError(f"unknown region {region!r}; register_region it first "
+                                 f"(registered: {sorted(self._regions)})")
+        self._ledger.add(transfer_id, region)
+
+    def wait(self, transfer_id: str, timeout: float) -> TransferResult:
+        return self._ledger.wait(transfer_id, timeout, _RECEIVER_HINT)
+
+    def poll(self) -> list[TransferResult]:
+        return self._ledger.poll()
+
+    def cancel(self, transfer_id: str) -> TransferResult:
+        result, _ = self._ledger.cancel(transfer_id, _RECEIVER_HINT)
+        return result
+
+    def close(self) -> None:
+        self._closed = True
+        self._ledger.end_where(lambda r: True, TransferStatus.FAILED, "receiver closed")
+
+    # ------------------------------------------------------------------ for the data path
+    def _bind(self, transfer_id: str, region: str, peer: Hashable) -> TransferRecord | str:
+        """The live record that ``peer`` may write into ``region``, or why not (then the caller
+        drops the data and reports the reason to the peer)."""
+        record = self._ledger.get(transfer_id)
+        if record is None or record.result is not None:
+            return (f"receiver does not expect transfer {transfer_id!r} (never expected, or already "
+                    f"ended); the receiver calls expect() before the sender posts")
+        if record.region != region:
+            return (f"transfer {transfer_id!r} is expected into region {record.region!r}, "
+                    f"not {region!r}")
+        with record.write_lock:
+            if record.peer is None:
+                record.peer = peer
+        if record.peer != peer:
+            return f"transfer {transfer_id!r} is already bound to another sender"
+        return record
+
+    def _dst_view(self, record: TransferRecord, piece: Span) -> memoryview | None:
+        """The destination bytes of ``piece``, or None (and the transfer FAILED) if out of
+        bounds. Caller holds ``record.write_lock``."""
+        with self._regions_lock:
+            region = self._regions.get(record.region)
+        if region is None or piece.dst_offset < 0 or piece.dst_offset + piece.length > len(region):
+            size = "unregistered" if region is None else f"{len(region)} bytes"
+            self._ledger.end_locked(record, TransferStatus.FAILED,
+                                    f"transfer {record.transfer_id!r}: span dst_offset={piece.dst_offset} "
+                                    f"length={piece.length} outside region {record.region!r} ({size})")
+            return None
+        return region[piece.dst_offset : piece.dst_offset + piece.length]
+
+    def _check_landed(self, record: TransferRecord, piece: Span, expected: int, got: int) -> bool:
+        """Account a piece that landed; a checksum mismatch ends the transfer FAILED. Caller
+        holds ``record.write_lock``."""
+        if expected != got:
+            self._ledger.end_locked(record, TransferStatus.FAILED,
+                                    mismatch_message(record.transfer_id, piece, expected, got))
+            return False
+        record.nbytes += piece.length
+        return True
+
+    def _post_done(self, record: TransferRecord, final: bool) -> None:
+        if final:
+            with record.write_lock:
+                record.final_posted = True
+                self._ledger.end_locked(record, TransferStatus.OK)
+
+    def _peer_cancelled(self, transfer_id: str, peer: Hashable) -> None:
+        record = self._ledger.get(transfer_id)
+        if record is not None and record.peer == peer:
+            self._ledger.end(record, TransferStatus.CANCELLED, f"transfer {transfer_id!r} cancelled by the sender")
+
+    def _peer_lost(self, peer: Hashable, why: str) -> None:
+        self._ledger.end_where(lambda r: r.peer == peer, TransferStatus.FAILED, why)
+
+    def _on_end(self, record: TransferRecord) -> None:
+        if record.peer is not None and record.result is not None:
+            self._tell_peer(record.peer, record.result)
+
+
+class SenderCore(TransferSender):
+    """Source regions, post validation, checksummed pieces, verdicts -> results."""
+
+    # Pull backends expose the source and flip a byte in place for a FaultInjection; push
+    # backends send a corrupted copy of the piece instead.
+    _pull = False
+
+    def __init__(self, fault: FaultInjection | None = None, piece_bytes: int = PIECE_BYTES,
+                 verify: bool = True) -> None:
+        if piece_bytes <= 0:
+            raise ValueError(f"piece_bytes must be positive, got {piece_bytes}")
+        self._verify = verify  # False only for benchmarks; the receiver must agree
+        self._sources: dict[str, memoryview] = {}
+        self._ledger = Ledger()
+        self._fault = fault
+        self._piece_bytes = piece_bytes
+        self._closed = False
+
+    @abstractmethod
+    def _send_post(self, record: TransferRecord, src_region: str, dst: RegionDescriptor,
+                   checked: Iterator[tuple[Span, int, memoryview]], final: bool) -> None:
+        """Move the pieces (each with its checksum and payload view), then mark the post's end."""
+
+    @abstractmethod
+    def _send_cancel(self, record: TransferRecord) -> None:
+        """Tell the receiver the transfer is cancelled (best effort)."""
+
+    def _peer_key(self, dst: RegionDescriptor) -> Hashable:
+        return str(dst.address.get("receiver", ""))
+
+    def _prepare(self, src_region: str, spans: tuple[Span, ...]) -> None:
+        """Hook run once a post was validated, before anything is hashed or sent."""
+
+    # ------------------------------------------------------------------ public API
+    def register_region(self, name: str, buffer: Buffer) -> RegionDescriptor:
+        check_name(name, "region name")
+        if name in self._sources:
+            raise ValueError(f"source region {name!r} is already registered; pick another name")
+        view = writable_view(buffer, f"source region {name!r}")
+        self._sources[name] = view
+        return RegionDescriptor(self.backend, name, len(view), {})
+
+    def post(self, transfer_id: str, src_region: str, dst: RegionDescriptor, spans: Sequence[Span], *,
+             final: bool) -> None:
+        check_name(transfer_id, "transfer_id")
+        if self._closed:
+            raise ValueError("sender is closed; make a new one")
+        if dst.backend != self.backend:
+            raise ValueError(f"dst is a {dst.backend!r} region but this is a {self.backend!r} sender; "
+                             f"use make_sender({dst.backend!r}, ...)")
+        source = self._sources.get(src_region)
+        if source is None:
+            raise ValueError(f"unknown src_region {src_region!r}; register_region it first "
+                             f"(registered: {sorted(self._sources)})")
+        spans = tuple(spans)
+        check_spans(spans, len(source), dst.length, src_region, dst.region)
+        record = self._ledger.get(transfer_id)
+        if record is not None and record.final_posted:
+            raise ValueError(f"transfer_id {transfer_id!r} already had its final post; wait for its result")
+        if record is not None and record.region != dst.region:
+            raise ValueError(f"transfer_id {transfer_id!r} goes to region {record.region!r}, not {dst.region!r}")
+        if record is None:
+            record = self._ledger.add(transfer_id, dst.region)
+            record.peer = self._peer_key(dst)
+        self._prepare(src_region, spans)
+        record.final_posted = final
+        if record.result is not None:
+            return  # the receiver already ended it (verdict waiting in wait/poll): send nothing more
+        self._send_post(record, src_region, dst, self._checked(transfer_id, source, spans), final)
+
+    def wait(self, transfer_id: str, timeout: float) -> TransferResult:
+        return self._ledger.wait(transfer_id, timeout, _SENDER_HINT)
+
+    def poll(self) -> list[TransferResult]:
+        return self._ledger.poll()
+
+    def cancel(self, transfer_id: str) -> TransferResult:
+        record = self._ledger.require(transfer_id, _SENDER_HINT)
+        result, cancelled = self._ledger.cancel(transfer_id, _SENDER_HINT)
+        if cancelled:
+            self._send_cancel(record)
+        return result
+
+    def close(self) -> None:
+        self._closed = True
+        self._ledger.end_where(lambda r: True, TransferStatus.FAILED, "sender closed")
+
+    # ------------------------------------------------------------------ helpers
+    def _checked(self, transfer_id: str, source: memoryview, spans: tuple[Span, ...]
+                 ) -> Iterator[tuple[Span, int, memoryview]]:
+        """Pieces of ``spans`` with their checksums, hashed one piece ahead of the send."""
+        fault = self._fault if self._fault is not None and self._fault.transfer_id == transfer_id else None
+        for piece in pieces(spans, self._piece_bytes):
+            payload = source[piece.src_offset : piece.src_offset + piece.length]
+            checksum = digest(payload) if self._verify else 0
+            if fault is not None and piece.src_offset <= fault.src_offset < piece.src_offset + piece.length:
+                at = fault.src_offset - piece.src_offset
+                if self._pull:
+                    payload[at] ^= 0xFF
+                else:
+                    corrupted = bytearray(payload)
+                    corrupted[at] ^= 0xFF
+                    payload = memoryview(corrupted)
+            yield piece, checksum, payload
+
+    def _verdict(self, transfer_id: str, status: TransferStatus, nbytes: int, error: str | None) -> None:
+        """The receiver's result for a transfer arrived."""
+        record = self._ledger.get(transfer_id)
+        if record is None:
+            return  # already delivered here (e.g. cancelled locally); nothing to update
+        with record.write_lock:
+            if record.result is None:
+                record.nbytes = nbytes
+                self._ledger.end_locked(record, status, error)
+
+    def _fail(self, record: TransferRecord, why: str) -> None:
+        self._ledger.end(record, TransferStatus.FAILED, why)
+
+    def _peer_lost(self, peer: Hashable, why: str) -> None:
+        self._ledger.end_where(lambda r: r.peer == peer, TransferStatus.FAILED, why)

@@ -1,0 +1,179 @@
+"""Sockets for the transports: a connection with a send lock, a threaded listener, exact reads,
+and length-prefixed JSON messages for control channels. Pure Python; no pickle, ever.
+
+Every socket has a short timeout so that threads notice ``close()`` and dead peers promptly;
+reads loop over timeouts until their ``stopping`` predicate says to give up.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+POLL_S = 0.1  # how often a blocked read re-checks whether it should stop
+SOCKET_BUFFER_BYTES = 4 << 20  # the kernel caps it at net.core.{r,w}mem_max (4 MiB here)
+MAX_JSON_BYTES = 16 << 20
+_JSON_LEN = struct.Struct("!I")
+
+
+class PeerGone(ConnectionError):
+    """The peer closed the connection, reset it, or sent something that is not the protocol."""
+
+
+def tune(sock: socket.socket) -> None:
+    """Large buffers (fewer wake-ups per MiB) and no Nagle delay (small control frames go now)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
+    sock.settimeout(POLL_S)
+
+
+class Conn:
+    """One connected socket. Sends from several threads are serialised by a lock; reads belong
+    to a single reader thread. Hashable by identity: it is the "peer" of transfers on it."""
+
+    def __init__(self, sock: socket.socket, io_timeout: float) -> None:
+        self.sock = sock
+        self.io_timeout = io_timeout  # a send blocked this long means a dead or stuck peer
+        self.closed = threading.Event()
+        self._send_lock = threading.Lock()
+
+    def send(self, parts: list[bytes | memoryview]) -> None:
+        """Send all of ``parts`` (one sendmsg per round, no joining copy). Raises PeerGone."""
+        if self.closed.is_set():
+            raise PeerGone("connection already closed")
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        with self._send_lock:
+            deadline = time.monotonic() + self.io_timeout
+            try:
+                while views:
+                    try:
+                        sent = self.sock.sendmsg(views)
+                    except TimeoutError:
+                        # Nothing was sent. A peer that reads nothing for io_timeout is gone.
+                        if time.monotonic() > deadline:
+                            raise
+                        continue
+                    deadline = time.monotonic() + self.io_timeout
+                    while views and sent >= len(views[0]):
+                        sent -= len(views[0])
+                        views.pop(0)
+                    if sent:
+                        views[0] = views[0][sent:]
+            except OSError as exc:
+                self.close()
+                raise PeerGone(f"send failed: {exc}") from exc
+
+    def recv_into(self, view: memoryview, stopping: Callable[[], bool]) -> int:
+        """One read of up to ``len(view)`` bytes (>= 1). Raises PeerGone on EOF, error or stop."""
+        while True:
+            if stopping() or self.closed.is_set():
+                raise PeerGone("stopped")
+            try:
+                got = self.sock.recv_into(view)
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                raise PeerGone(f"receive failed: {exc}") from exc
+            if got == 0:
+                raise PeerGone("peer closed the connection")
+            return got
+
+    def recv_exact(self, view: memoryview, stopping: Callable[[], bool]) -> None:
+        pos = 0
+        while pos < len(view):
+            pos += self.recv_into(view[pos:], stopping)
+
+    def recv_bytes(self, count: int, stopping: Callable[[], bool]) -> bytes:
+        buffer = bytearray(count)
+        self.recv_exact(memoryview(buffer), stopping)
+        return bytes(buffer)
+
+    def send_json(self, message: dict[str, Any]) -> None:
+        body = json.dumps(message, separators=(",", ":")).encode()
+        self.send([_JSON_LEN.pack(len(body)), body])
+
+    def recv_json(self, stopping: Callable[[], bool]) -> dict[str, Any]:
+        (size,) = _JSON_LEN.unpack(self.recv_bytes(_JSON_LEN.size, stopping))
+        if size > MAX_JSON_BYTES:
+            raise PeerGone(f"control message of {size} bytes exceeds {MAX_JSON_BYTES}: not our protocol")
+        try:
+            message = json.loads(self.recv_bytes(size, stopping))
+        except ValueError as exc:
+            raise PeerGone(f"control message is not JSON: {exc}") from exc
+        if not isinstance(message, dict):
+            raise PeerGone("control message is not a JSON object")
+        return message
+
+    def close(self) -> None:
+        self.closed.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def connect(host: str, port: int, timeout: float, io_timeout: float) -> Conn:
+    sock = socket.create_connection((host, port), timeout=timeout)
+    tune(sock)
+    return Conn(sock, io_timeout)
+
+
+def reader_thread(conn: Conn, target: Callable[[Conn], None], name: str) -> threading.Thread:
+    thread = threading.Thread(target=target, args=(conn,), name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+class Listener:
+    """Accepts connections on ``host:port`` (0: any free port) and runs ``handler(conn)`` on a
+    thread per connection; the handler owns reads and returns when the peer is gone."""
+
+    def __init__(self, host: str, port: int, handler: Callable[[Conn], None], io_timeout: float, name: str) -> None:
+        self._sock = socket.create_server((host, port))
+        self._sock.settimeout(POLL_S)
+        self.host = host
+        self.port: int = self._sock.getsockname()[1]
+        self._handler = handler
+        self._io_timeout = io_timeout
+        self._name = name
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._conns: list[tuple[Conn, threading.Thread]] = []
+        self._thread = threading.Thread(target=self._accept_loop, name=f"{name}-accept", daemon=True)
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                sock, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            tune(sock)
+            conn = Conn(sock, self._io_timeout)
+            with self._lock:
+                if self._stopping.is_set():
+                    conn.close()
+                    return
+                thread = reader_thread(conn, self._handler, f"{self._name}-conn")
+                # Forget finished connections so a long-lived listener stays small.
+                self._conns = [(c, t) for c, t in self._conns if t.is_alive()] + [(conn, thread)]
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._sock.close()
+        self._thread.join(timeout=2)
+        with self._lock:
+            conns = list(self._conns)
+            self._conns.clear()
+        for conn, thread in conns:
+            conn.close()
+            thread.join(timeout=2)

@@ -1,0 +1,203 @@
+"""Pull transports: the sender exposes its source, the receiver's process copies it in.
+
+Shared by ``shm`` (source in a shared-memory segment) and ``nixl`` (source registered with a
+NIXL agent). The sender and receiver talk over a TCP control connection carrying
+length-prefixed JSON messages (never pickle):
+
+* sender -> receiver ``{"op": "post", "tid", "region", "source", "pieces": [[src, dst, len,
+  xxh3], ...], "final"}``: pieces to pull from ``source`` (a backend-specific dict);
+* sender -> receiver ``{"op": "cancel", "tid"}``;
+* receiver -> sender ``{"op": "result", "tid", "status", "nbytes", "error"}``.
+
+A post message goes out per piece, right after the sender hashed it, so the receiver copies
+piece *i* while the sender hashes piece *i + 1* (two processes, two cores). The receiver pulls
+each piece under the transfer's write lock, so a cancel waits for at most one piece and,
+once it returns, no further byte of the transfer is copied.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import abstractmethod
+from collections.abc import Hashable, Iterator
+from typing import Any
+
+from hetpd.transfer.base import FaultInjection, RegionDescriptor, Span, TransferResult, TransferStatus
+from hetpd.transfer.checksum import PIECE_BYTES
+from hetpd.transfer.core import ReceiverCore, SenderCore
+from hetpd.transfer.ledger import TransferRecord
+from hetpd.transfer.net import Conn, Listener, PeerGone, connect, reader_thread
+
+
+class PullReceiver(ReceiverCore):
+    """Listens for control connections on ``host:port``; pulls posted pieces into its regions."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, io_timeout: float = 10.0, verify: bool = True) -> None:
+        super().__init__()
+        self._verify = verify
+        self._stopping = threading.Event()
+        self._listener = Listener(host, port, self._serve, io_timeout, f"hetpd-{self.backend}-recv")
+
+    @abstractmethod
+    def _fetch(self, conn: Conn, source: dict[str, Any], piece: Span, dst: memoryview) -> int:
+        """Copy the piece's source bytes into ``dst``; return their xxh3-64 (0 if not verifying).
+        Raise ValueError if ``source`` cannot be read (the transfer then fails)."""
+
+    def _forget_peer(self, conn: Conn) -> None:
+        """Release what was opened for ``conn``'s sources (mappings, remote agents)."""
+
+    def _address(self) -> dict[str, str | int]:
+        return {"host": self._listener.host, "port": self._listener.port}
+
+    def _tell_peer(self, peer: Hashable, result: TransferResult) -> None:
+        if isinstance(peer, Conn):
+            try:
+                peer.send_json({"op": "result", "tid": result.transfer_id, "status": result.status.value,
+                                "nbytes": result.nbytes, "error": result.error})
+            except PeerGone:
+                pass
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._listener.close()
+        super().close()
+
+    def _serve(self, conn: Conn) -> None:
+        try:
+            while True:
+                message = conn.recv_json(self._stopping.is_set)
+                op, tid = message.get("op"), message.get("tid")
+                if not isinstance(tid, str):
+                    raise PeerGone(f"control message without a string 'tid': {str(message)[:200]}")
+                if op == "post":
+                    self._pull(conn, tid, message)
+                elif op == "cancel":
+                    self._peer_cancelled(tid, conn)
+                else:
+                    raise PeerGone(f"unknown control op {op!r}: not the hetpd pull protocol")
+        except PeerGone as exc:
+            self._peer_lost(conn, f"sender connection lost mid-transfer ({exc})")
+        finally:
+            self._forget_peer(conn)
+            conn.close()
+
+    def _pull(self, conn: Conn, tid: str, message: dict[str, Any]) -> None:
+        region, source, raw_pieces = message.get("region"), message.get("source"), message.get("pieces")
+        if not isinstance(region, str) or not isinstance(source, dict) or not isinstance(raw_pieces, list):
+            raise PeerGone(f"malformed post message for transfer {tid!r}")
+        record = self._bind(tid, region, conn)
+        if isinstance(record, str):
+            conn.send_json({"op": "result", "tid": tid, "status": TransferStatus.FAILED.value, "nbytes": 0,
+                            "error": record})
+            return
+        for raw in raw_pieces:
+            if not (isinstance(raw, list) and len(raw) == 4 and all(isinstance(x, int) for x in raw)):
+                raise PeerGone(f"malformed piece {raw!r} in transfer {tid!r}")
+            piece, checksum = Span(raw[0], raw[1], raw[2]), raw[3]
+            with record.write_lock:
+                if record.result is not None:
+                    return  # ended (cancelled, failed): pull nothing more
+                dst = self._dst_view(record, piece)
+                if dst is None:
+                    return
+                try:
+                    got = self._fetch(conn, source, piece, dst)
+                except ValueError as exc:
+                    self._ledger.end_locked(record, TransferStatus.FAILED, f"transfer {tid!r}: {exc}")
+                    return
+                if not self._check_landed(record, piece, checksum if self._verify else 0, got):
+                    return
+        self._post_done(record, bool(message.get("final")))
+
+
+class PullSender(SenderCore):
+    """Exposes source regions and posts pieces over a control connection per receiver."""
+
+    _pull = True
+
+    def __init__(self, fault: FaultInjection | None = None, piece_bytes: int = PIECE_BYTES,
+                 connect_timeout: float = 5.0, io_timeout: float = 10.0, verify: bool = True) -> None:
+        super().__init__(fault, piece_bytes, verify)
+        self._connect_timeout = connect_timeout
+        self._io_timeout = io_timeout
+        self._conns: dict[str, tuple[Conn, threading.Thread]] = {}
+        self._conns_lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    @abstractmethod
+    def _source(self, src_region: str) -> dict[str, Any]:
+        """What the receiver needs to read ``src_region`` (JSON-serialisable)."""
+
+    def _peer_key(self, dst: RegionDescriptor) -> Hashable:
+        return f"{dst.address.get('host')}:{dst.address.get('port')}"
+
+    def _conn(self, dst: RegionDescriptor) -> Conn:
+        key = str(self._peer_key(dst))
+        with self._conns_lock:
+            known = self._conns.get(key)
+            if known is not None and not known[0].closed.is_set():
+                return known[0]
+            host, port = dst.address.get("host"), dst.address.get("port")
+            if not isinstance(host, str) or not isinstance(port, int):
+                raise PeerGone(f"dst region {dst.region!r} has no host/port in its address {dst.address}")
+            try:
+                conn = connect(host, port, self._connect_timeout, self._io_timeout)
+            except OSError as exc:
+                raise PeerGone(f"cannot connect to receiver {key}: {exc}") from exc
+            thread = reader_thread(conn, lambda c: self._read_verdicts(c, key), f"hetpd-{self.backend}-send")
+            self._conns[key] = (conn, thread)
+            return conn
+
+    def _send_post(self, record: TransferRecord, src_region: str, dst: RegionDescriptor,
+                   checked: Iterator[tuple[Span, int, memoryview]], final: bool) -> None:
+        tid = record.transfer_id
+        try:
+            conn = self._conn(dst)
+            source = self._source(src_region)
+            message: dict[str, Any] = {"op": "post", "tid": tid, "region": dst.region, "source": source,
+                                       "pieces": [], "final": False}
+            for piece, checksum, _ in checked:
+                if record.result is not None:
+                    return  # the receiver ended it
+                conn.send_json({**message, "pieces": [[piece.src_offset, piece.dst_offset, piece.length, checksum]]})
+            conn.send_json({**message, "final": final})
+        except PeerGone as exc:
+            self._peer_lost(record.peer or "", f"transfer {tid!r}: connection to receiver lost ({exc})")
+            self._fail(record, f"transfer {tid!r}: connection to receiver lost ({exc})")
+
+    def _send_cancel(self, record: TransferRecord) -> None:
+        with self._conns_lock:
+            known = self._conns.get(str(record.peer))
+        if known is not None:
+            try:
+                known[0].send_json({"op": "cancel", "tid": record.transfer_id})
+            except PeerGone:
+                pass
+
+    def _read_verdicts(self, conn: Conn, key: str) -> None:
+        try:
+            while True:
+                message = conn.recv_json(self._stopping.is_set)
+                tid, status, nbytes, error = (message.get(k) for k in ("tid", "status", "nbytes", "error"))
+                valid = {s.value for s in TransferStatus} - {TransferStatus.TIMED_OUT.value}
+                if message.get("op") != "result" or not isinstance(tid, str) or status not in valid \
+                        or not isinstance(nbytes, int) or not (error is None or isinstance(error, str)):
+                    raise PeerGone(f"malformed result message from receiver {key}")
+                self._verdict(tid, TransferStatus(status), nbytes, error)
+        except PeerGone as exc:
+            with self._conns_lock:
+                current = self._conns.get(key)
+            if current is None or current[0] is conn:
+                self._peer_lost(key, f"connection to receiver {key} lost ({exc})")
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._stopping.set()
+        with self._conns_lock:
+            conns = list(self._conns.values())
+            self._conns.clear()
+        for conn, thread in conns:
+            conn.close()
+            thread.join(timeout=2)
+        super().close()
