@@ -6,7 +6,8 @@ Wire format: every frame is a fixed header (``FRAME``), then the transfer id and
 ====== ===================== ======================================================
 kind   direction             meaning
 ====== ===================== ======================================================
-DATA   sender -> receiver    payload for ``[offset, offset + length)`` of region ``text``;
+DATA   sender -> receiver    payload for ``[offset, offset + length)`` of region ``text``
+                             (from ``src_offset`` of the sender's, for messages);
                              ``checksum`` = xxh3-64 of the payload
 END    sender -> receiver    end of one post; flag FINAL on the last post of a transfer
 CANCEL sender -> receiver    the sender cancelled the transfer
@@ -35,8 +36,8 @@ from hetpd.transfer.net import Conn, Listener, PeerGone, connect, reader_thread
 
 BACKEND = "tcp"
 MAGIC = b"HPD1"
-# magic, kind, status, flags, tid_len, text_len, offset, length, checksum
-FRAME = struct.Struct("!4sBBHHHQQQ")
+# magic, kind, status, flags, tid_len, text_len, dst offset, src offset (for messages), length, checksum
+FRAME = struct.Struct("!4sBBHHHQQQQ")
 DATA, END, CANCEL, RESULT = 1, 2, 3, 4
 FLAG_FINAL = 1
 _STATUS_CODE = {TransferStatus.OK: 0, TransferStatus.FAILED: 1, TransferStatus.CANCELLED: 2}
@@ -47,9 +48,9 @@ _MAX_TEXT = 1 << 16
 
 
 def _frame(kind: int, transfer_id: str, text: str = "", *, status: int = 0, flags: int = 0,
-           offset: int = 0, length: int = 0, checksum: int = 0) -> list[bytes | memoryview]:
+           offset: int = 0, src_offset: int = 0, length: int = 0, checksum: int = 0) -> list[bytes | memoryview]:
     tid, txt = transfer_id.encode(), text.encode()[: _MAX_TEXT - 1]
-    return [FRAME.pack(MAGIC, kind, status, flags, len(tid), len(txt), offset, length, checksum), tid, txt]
+    return [FRAME.pack(MAGIC, kind, status, flags, len(tid), len(txt), offset, src_offset, length, checksum), tid, txt]
 
 
 class TcpReceiver(ReceiverCore):
@@ -87,13 +88,13 @@ class TcpReceiver(ReceiverCore):
         try:
             while True:
                 conn.recv_exact(header, stopping)
-                magic, kind, _, flags, tid_len, text_len, offset, length, checksum = FRAME.unpack(header)
+                magic, kind, _, flags, tid_len, text_len, offset, src_offset, length, checksum = FRAME.unpack(header)
                 if magic != MAGIC or kind not in (DATA, END, CANCEL):
                     raise PeerGone(f"bad frame (magic {magic!r}, kind {kind}): not the hetpd tcp protocol")
                 transfer_id = conn.recv_bytes(tid_len, stopping).decode("utf-8", "replace")
                 text = conn.recv_bytes(text_len, stopping).decode("utf-8", "replace")
                 if kind == DATA:
-                    self._receive(conn, transfer_id, text, Span(0, offset, length), checksum, scratch)
+                    self._receive(conn, transfer_id, text, Span(src_offset, offset, length), checksum, scratch)
                 elif kind == END:
                     record = self._bind(transfer_id, text, conn)
                     if isinstance(record, str):
@@ -177,7 +178,7 @@ class TcpSender(SenderCore):
             for piece, checksum, payload in checked:
                 if record.result is not None:
                     return  # the receiver ended it: stop pushing
-                conn.send(_frame(DATA, tid, dst.region, offset=piece.dst_offset, length=piece.length,
+                conn.send(_frame(DATA, tid, dst.region, offset=piece.dst_offset, src_offset=piece.src_offset, length=piece.length,
                                  checksum=checksum) + [payload])
             conn.send(_frame(END, tid, dst.region, flags=FLAG_FINAL if final else 0))
         except PeerGone as exc:
@@ -199,7 +200,7 @@ class TcpSender(SenderCore):
         try:
             while True:
                 conn.recv_exact(header, stopping)
-                magic, kind, status, _, tid_len, text_len, _, length, _ = FRAME.unpack(header)
+                magic, kind, status, _, tid_len, text_len, _, _, length, _ = FRAME.unpack(header)
                 if magic != MAGIC or kind != RESULT or status not in _CODE_STATUS:
                     raise PeerGone(f"bad frame (magic {magic!r}, kind {kind}) from receiver {key}")
                 transfer_id = conn.recv_bytes(tid_len, stopping).decode("utf-8", "replace")
