@@ -25,7 +25,7 @@ def test_generate_disaggregated_reports_the_conversion(tiny_model_dir: Callable[
     done = hetpd("generate", "--model", str(tiny_model_dir("llama")), "--chat", "w5", "--max-tokens", "3",
                  "--disaggregated", "--decode-kv-cache-dtype", "int8")
     assert done.returncode == 0, done.stderr
-    assert "float32 -> int8 (converted on import)" in done.stdout
+    assert "float32 -> int8: lossy, conversion site: producer" in done.stdout
 
 
 def test_bad_model_folder_is_a_clear_error(tmp_path: Path) -> None:

@@ -108,8 +108,8 @@ def _generate(args: argparse.Namespace) -> int:
         outputs = result.outputs
         h = result.handoffs
         handoff_note = (f"\nKV handoffs: {h.num_handoffs}, {h.bytes_moved / 1e6:.2f} MB, "
-                        f"{h.producer_kv_dtype} -> {h.consumer_kv_dtype}"
-                        f"{' (converted on import)' if h.converted else ' (bytes used as is)'}")
+                        f"{h.producer_kv_dtype} -> {h.consumer_kv_dtype}: {h.plan.verdict.kind.value}, "
+                        f"conversion site: {h.plan.site}")
     elapsed = time.monotonic() - started
     generated = sum(len(o.token_ids) for o in outputs)
     for output in outputs:

@@ -20,7 +20,7 @@ from hetpd import LLM, SamplingParams
 from hetpd.engine.config import EngineConfig
 from hetpd.engine.disaggregated import DisaggregatedPair
 from hetpd.engine.engine import Engine
-from hetpd.kv.export import unpack_tokens
+from hetpd.kv.layout import codec_of, unpack
 from hetpd.kv.format import IncompatibleKVError
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
@@ -72,8 +72,8 @@ def test_converted_handoff_stays_within_the_codec_error(
     prefill.release_kv("r")
 
     # Element by element, the consumer now holds the producer's values within its own codec's rounding.
-    data, scales, producer_codec = unpack_tokens(export)
-    sent = producer_codec.decode(data, scales, torch.float32)
+    codes, scales, _ = unpack(export.payload, export.format, export.num_tokens)
+    sent = codec_of(export.format).decode(codes, scales, torch.float32)
     slots = decode.kv_cache.slots_of(decode.scheduler.running[0].block_table, export.num_tokens)
     held, held_scales = decode.kv_cache.read_tokens(slots)
     received = decode.kv_cache.codec.decode(held, held_scales, torch.float32)
@@ -111,13 +111,15 @@ def test_import_is_refused_when_the_pool_is_full_and_nothing_leaks(tiny_model_di
 
 
 def test_export_survives_a_json_round_trip_of_its_format(tiny_model_dir: Callable[[str], Path]) -> None:
+    from hetpd.kv.check import VerdictKind, check
     from hetpd.kv.format import KVFormat
 
     prefill = Engine.from_config(EngineConfig(model=str(tiny_model_dir("llama")), role="prefill", kv_cache_dtype="int8"))
     fmt = prefill.kv_format
     assert KVFormat.from_json(fmt.to_json()) == fmt
-    with pytest.raises(IncompatibleKVError, match="does not know"):
-        KVFormat.from_json(fmt.to_json()[:-1] + ', "swizzle": 1}')
+    newer_peer = KVFormat.from_json(fmt.to_json()[:-1] + ', "swizzle": 1}')
+    verdict = check(newer_peer, fmt)
+    assert verdict.kind is VerdictKind.INCOMPATIBLE and "swizzle" in verdict.explain()
 
 
 def handoff_with_logits(

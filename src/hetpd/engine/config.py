@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from hetpd.kv.quant import canonical_kv_dtype
+from hetpd.kv.format import canonical_kv_dtype
 
 Role = Literal["colocated", "prefill", "decode"]
 ROLES = ("colocated", "prefill", "decode")

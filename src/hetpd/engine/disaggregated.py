@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hetpd.engine.engine import Engine
-from hetpd.kv.export import KVExport
+from hetpd.kv.plan import HandoffPlan, plan_handoff
+from hetpd.kv.state import RuntimeKVState
 from hetpd.outputs import RequestOutput
 from hetpd.sampling_params import SamplingParams
 
@@ -25,10 +26,12 @@ class HandoffStats:
     bytes_moved: int
     producer_kv_dtype: str
     consumer_kv_dtype: str
+    plan: HandoffPlan
 
     @property
     def converted(self) -> bool:
-        return self.producer_kv_dtype != self.consumer_kv_dtype
+        """Element values were re-encoded on the way (not just moved or re-paged)."""
+        return any(step in self.plan.verdict.steps for step in ("cast", "quantise", "dequantise"))
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class DisaggregatedPair:
             raise ValueError("DisaggregatedPair needs a prefill-role and a decode-role engine")
         self.prefill = prefill
         self.decode = decode
+        # Checked once, up front: an incompatible pair is refused before any request runs.
+        self.plan = plan_handoff(prefill.kv_format, decode.kv_format)
 
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams], prompt_texts: Sequence[str | None] | None = None
@@ -57,7 +62,7 @@ class DisaggregatedPair:
         prompt_of = dict(zip(ids, texts))
         outputs: dict[str, RequestOutput] = {}
         first_token_time: dict[str, float | None] = {}
-        pending: deque[KVExport] = deque()
+        pending: deque[RuntimeKVState] = deque()
         handoffs, bytes_moved = 0, 0
         while self.prefill.has_unfinished() or pending or self.decode.has_unfinished():
             if self.prefill.has_unfinished():
@@ -66,7 +71,7 @@ class DisaggregatedPair:
                     outputs[out.request_id] = out
                 for out in step.handed_off:
                     first_token_time[out.request_id] = out.metrics.first_token_time
-                    pending.append(self.prefill.export_kv(out.request_id))
+                    pending.append(self.prefill.export_kv(out.request_id, self.plan.wire))
             # Import in arrival order; a refused import waits (backpressure) and keeps its pages held.
             while pending:
                 export = pending[0]
@@ -93,5 +98,5 @@ class DisaggregatedPair:
             if request_id in first_token_time:
                 metrics = dataclasses.replace(metrics, first_token_time=first_token_time[request_id])
             merged.append(dataclasses.replace(out, prompt=prompt_of[request_id], metrics=metrics))
-        stats = HandoffStats(handoffs, bytes_moved, self.prefill.kv_cache.codec.name, self.decode.kv_cache.codec.name)
+        stats = HandoffStats(handoffs, bytes_moved, self.prefill.kv_cache.codec.name, self.decode.kv_cache.codec.name, self.plan)
         return DisaggregatedResult(merged, stats)

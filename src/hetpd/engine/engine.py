@@ -25,10 +25,12 @@ from hetpd.engine.config import EngineConfig
 from hetpd.engine.kv_cache import PagedKVCache
 from hetpd.engine.runner import ModelRunner
 from hetpd.engine.sampler import sample
-from hetpd.kv.convert import convert_tokens
-from hetpd.kv.export import KVExport, pack, unpack_tokens
-from hetpd.kv.format import IncompatibleKVError, KVFormat
-from hetpd.kv.quant import codec_for
+from hetpd.kv.check import check
+from hetpd.kv.codec import Encoded, codec_for
+from hetpd.kv.convert import convert
+from hetpd.kv.format import IncompatibleKVError, KVFormat, ModelFingerprint
+from hetpd.kv.layout import pack, unpack
+from hetpd.kv.state import Residency, RuntimeKVState
 from hetpd.models.config import ModelConfig
 from hetpd.models.loader import load_model
 from hetpd.models.tokenizer import Tokenizer
@@ -130,19 +132,16 @@ class Engine:
     # ------------------------------------------------------------------ requests
     @property
     def kv_format(self) -> KVFormat:
+        """What this engine's KV pages mean, as the boundary check sees them (all heads, no TP)."""
         codec = self.kv_cache.codec
+        tokenizer_hash = self.tokenizer.content_hash if self.tokenizer is not None else None
         return KVFormat(
-            model_fingerprint=self.model_config.fingerprint,
-            architecture=self.model_config.architecture,
-            num_layers=self.model_config.num_layers,
-            num_kv_heads=self.model_config.num_kv_heads,
-            head_dim=self.model_config.head_dim,
-            dtype=codec.name,
+            model=ModelFingerprint.of(self.model_config, tokenizer_hash),
+            dtype=codec.dtype,
+            quant=codec.quant,
             page_size=self.kv_cache.block_size,
             head_start=0,
             head_end=self.model_config.num_kv_heads,
-            scale_scheme="per_token_head" if codec.quantized else "none",
-            scale_dtype="float32" if codec.quantized else None,
         )
 
     def add_request(
@@ -208,23 +207,24 @@ class Engine:
     def held_request_ids(self) -> list[str]:
         return list(self._held)
 
-    def export_kv(self, request_id: str) -> KVExport:
-        """Copy a held request's prompt KV out as bytes. The pages stay held until release_kv."""
+    def export_kv(self, request_id: str, wire: KVFormat | None = None) -> RuntimeKVState:
+        """Copy a held request's prompt KV out as bytes, in ``wire`` format (default: this engine's).
+
+        Converting here is the producer side of a handoff plan (quantise before sending). The
+        pages stay held until :meth:`release_kv`."""
         if request_id not in self._held:
             raise KeyError(f"request {request_id!r} holds no exportable KV on this engine")
         request, blocks = self._held[request_id]
         num_tokens = request.seq.num_prompt_tokens
-        slots = self.kv_cache.slots_of(blocks, len(blocks) * self.kv_cache.block_size)
-        data, scales = self.kv_cache.read_tokens(slots)
-        first_logprob = request.logprobs[0].logprob if request.logprobs else None
-        return KVExport(
-            request_id=request_id,
-            format=self.kv_format,
-            num_tokens=num_tokens,
-            token_ids=tuple(request.seq.token_ids),
-            data=pack(data),
-            scales=None if scales is None else pack(scales),
-            first_token_logprob=first_logprob,
+        data, scales = self.kv_cache.read_tokens(self.kv_cache.slots_of(blocks, num_tokens))
+        encoded, fmt = Encoded(data.cpu(), None if scales is None else scales.cpu(), None), self.kv_format
+        if wire is not None and wire != fmt:
+            encoded, fmt = convert(encoded, fmt, wire)
+        return RuntimeKVState(
+            request_id=request_id, format=fmt, token_start=0, token_end=num_tokens, layer_start=0,
+            layer_end=fmt.model.num_layers, payload=pack(encoded, fmt), residency=Residency.HOST, location="host",
+            owner=f"{self.config.role}:{request_id}", token_ids=tuple(request.seq.token_ids),
+            first_token_logprob=request.logprobs[0].logprob if request.logprobs else None,
         )
 
     def release_kv(self, request_id: str) -> None:
@@ -233,13 +233,25 @@ class Engine:
         self.allocator.free(blocks)
 
     # ------------------------------------------------------------------ decode side
-    def import_kv(self, export: KVExport, params: SamplingParams, request_id: str | None = None) -> ImportResult:
-        """Reserve pages for an export, write it (converted to this engine's KV dtype) and
-        continue generation. Refuses (nothing changed) when pages or sequence slots are short."""
+    def import_kv(self, export: RuntimeKVState, params: SamplingParams, request_id: str | None = None) -> ImportResult:
+        """Reserve pages for a request's KV, write it (converted to this engine's format) and
+        continue generation. Refuses (nothing changed) when pages or sequence slots are short.
+
+        Raises :class:`IncompatibleKVError` naming the fields when the representation check
+        says the bytes cannot be used here, and ``ValueError`` for a malformed state."""
         request_id = request_id or export.request_id
-        mismatches = export.format.shape_mismatches(self.kv_format)
-        if mismatches:
-            raise IncompatibleKVError("KV from the producer does not fit this model: " + "; ".join(mismatches))
+        problems = export.problems()
+        if problems:
+            raise ValueError("malformed KV state: " + "; ".join(problems))
+        mine = self.kv_format
+        verdict = check(export.format, mine)
+        if not verdict.usable:
+            raise IncompatibleKVError("KV from the producer cannot be used here: " + verdict.explain())
+        if verdict.heads != (0, mine.model.num_kv_heads) or export.layer_start != 0 \
+                or export.layer_end != mine.model.num_layers or export.token_start != 0:
+            raise ValueError(f"this engine imports a whole request (all {mine.model.num_kv_heads} kv heads, all layers, "
+                             f"tokens from 0); got heads {verdict.heads}, layers [{export.layer_start}, "
+                             f"{export.layer_end}), tokens from {export.token_start}: merge shards or chunks first")
         if request_id in self._requests or request_id in self._held:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if len(export.token_ids) != export.num_tokens + 1:
@@ -251,10 +263,9 @@ class Engine:
         if needed > self.allocator.num_available():
             return ImportResult(False, f"needs {needed} KV pages, {self.allocator.num_available()} free")
 
-        data, scales, source = unpack_tokens(export)
-        data, scales = convert_tokens(data, scales, source, self.kv_cache.codec)
+        encoded, _ = convert(unpack(export.payload, export.format, export.num_tokens), export.format, mine)
         blocks = self.allocator.allocate(needed)
-        self.kv_cache.write_tokens(self.kv_cache.slots_of(blocks, export.num_tokens), data, scales)
+        self.kv_cache.write_tokens(self.kv_cache.slots_of(blocks, export.num_tokens), encoded.codes, encoded.scales)
 
         seq = Sequence(request_id, list(export.token_ids), export.num_tokens, params.max_tokens)
         seq.num_computed_tokens = export.num_tokens

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from hetpd.kv.quant import KVCodec
+from hetpd.kv.codec import KVCodec
 
 
 class PagedKVCache:
@@ -43,7 +43,7 @@ class PagedKVCache:
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, codec: KVCodec) -> int:
-        per_token_head = head_dim * codec.element_bytes + (4 if codec.quantized else 0)
+        per_token_head = codec.storage_dim(head_dim) * codec.storage_dtype.itemsize + (4 if codec.quantized else 0)
         return 2 * num_layers * block_size * num_kv_heads * per_token_head
 
     def slots_of(self, blocks: list[int], num_tokens: int) -> torch.Tensor:
@@ -54,8 +54,8 @@ class PagedKVCache:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """Store new tokens' K and V ([T, kv_heads, head_dim]) at ``slots`` ([T])."""
-        k_data, k_scale = self.codec.encode(k)
-        v_data, v_scale = self.codec.encode(v)
+        k_data, k_scale, _ = self.codec.encode(k)
+        v_data, v_scale, _ = self.codec.encode(v)
         self.data[layer, 0].index_copy_(0, slots, k_data)
         self.data[layer, 1].index_copy_(0, slots, v_data)
         if self.scales is not None:

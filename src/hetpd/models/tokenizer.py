@@ -7,6 +7,7 @@ with a sandboxed jinja2 environment, as HF does.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -55,6 +56,11 @@ class Tokenizer:
         if not config.get("chat_template") and jinja_path.is_file():
             config["chat_template"] = jinja_path.read_text()
         return cls(HFTokenizer.from_file(str(path)), config)
+
+    @property
+    def content_hash(self) -> str:
+        """Hash of the vocabulary and merges: KV computed with another tokenizer means other tokens."""
+        return hashlib.sha256(self.backend.to_str().encode()).hexdigest()[:16]
 
     @property
     def vocab_size(self) -> int:
