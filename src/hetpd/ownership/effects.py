@@ -130,9 +130,13 @@ class CancelTransfer:
 
 @dataclass(frozen=True)
 class FreeBlocks:
+    """Free these pages. ``refused``: pages the caller offered to a lease that had already ended
+    (or that already held pages); they never belonged to the lease, free them all the same."""
+
     lease: LeaseKey
     block_ids: tuple[int, ...]
     num_bytes: int
+    refused: bool = False
 
 
 @dataclass(frozen=True)

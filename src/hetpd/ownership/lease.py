@@ -227,7 +227,7 @@ class ProducerLease(_Lease):
         if not self.live:
             return ignored(
                 f"lease already ended ({self.state.value}); the pages go back to the pool",
-                FreeBlocks(self.key, block_ids, num_bytes),
+                FreeBlocks(self.key, block_ids, num_bytes, refused=True),
             )
         if self.state is not LeaseState.COMPUTING:
             raise ValueError(f"lease {self.key} already holds pages ({self.state.value}); hold() once per lease")

@@ -64,11 +64,11 @@ class _SideBook:
         self.peak_bytes = max(self.peak_bytes, self.num_bytes)
 
     def release(self, key: LeaseKey) -> None:
-        # Pages a lease refused to take (hold/reserve after it ended) were never booked here.
         holding = self.leases.pop(key, None)
-        if holding is not None:
-            self.blocks -= holding.blocks
-            self.num_bytes -= holding.num_bytes
+        if holding is None:
+            raise ValueError(f"lease {key} holds no pages in the ledger (an effect applied twice, or to the wrong side?)")
+        self.blocks -= holding.blocks
+        self.num_bytes -= holding.num_bytes
 
     def usage(self) -> SideUsage:
         return SideUsage(self.blocks, self.num_bytes, self.peak_blocks, self.peak_bytes, MappingProxyType(dict(self.leases)))
@@ -87,7 +87,7 @@ class CapacityLedger:
         for effect in effects:
             if isinstance(effect, HoldBlocks):
                 book.hold(effect.lease, len(effect.block_ids), effect.num_bytes)
-            elif isinstance(effect, (FreeBlocks, AdoptBlocks)):
+            elif isinstance(effect, AdoptBlocks) or (isinstance(effect, FreeBlocks) and not effect.refused):
                 book.release(effect.lease)
         self._peak_total = max(self._peak_total, self._total())
 

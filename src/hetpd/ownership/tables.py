@@ -186,7 +186,7 @@ class ProducerLeases(_Table[ProducerLease]):
         blocks = tuple(block_ids)
         lease = self.get(lease_id)
         if lease is None:
-            return ignored(f"unknown lease {lease_id!r}; the pages go back to the pool", FreeBlocks(LeaseKey(lease_id, 0), blocks, num_bytes))
+            return ignored(f"unknown lease {lease_id!r}; the pages go back to the pool", FreeBlocks(LeaseKey(lease_id, 0), blocks, num_bytes, refused=True))
         return self._track(lease, lease.hold(blocks, num_bytes, now))
 
     def receive(self, message: Message, now: float) -> Step:
@@ -240,7 +240,7 @@ class ConsumerLeases(_Table[ConsumerLease]):
         if key in self._leases or self._newest.get(key.lease_id, 0) > key.epoch:
             existing = self._leases.get(key)
             state = "superseded" if existing is None else existing.state.value
-            return ignored(f"attempt {key} is already {state}; the pages go back to the pool", FreeBlocks(key, blocks, num_bytes))
+            return ignored(f"attempt {key} is already {state}; the pages go back to the pool", FreeBlocks(key, blocks, num_bytes, refused=True))
         lease, step = ConsumerLease.reserved(offer, blocks, num_bytes, self.config, now)
         self._add(lease)
         return step
