@@ -5,32 +5,18 @@ from __future__ import annotations
 import torch
 
 from hetpd.kv.bounds import ErrorBound
-from hetpd.kv.format import KVFormat, ModelFingerprint, Quantization
+from hetpd.kv.encodings import ENCODINGS, format_for
+from hetpd.kv.format import KVFormat, ModelFingerprint
+
+__all__ = ["ENCODINGS", "MODEL", "fmt", "kv_values", "within_bound"]
 
 MODEL = ModelFingerprint("LlamaForCausalLM", num_layers=2, num_kv_heads=4, head_dim=32,
                          rope='{"theta": 10000.0}', tokenizer_hash="t0", config_hash="c0")
 
-# Every encoding hetpd can read or write: each dtype, each scale scheme, each scale dtype at least once.
-ENCODINGS: dict[str, tuple[str, Quantization]] = {
-    "fp32": ("float32", Quantization()),
-    "bf16": ("bfloat16", Quantization()),
-    "fp16": ("float16", Quantization()),
-    "int8/token-head/f32": ("int8", Quantization("per_token_head", "float32")),
-    "int8/token-head/f16": ("int8", Quantization("per_token_head", "float16")),
-    "int8/tensor/f32": ("int8", Quantization("per_tensor", "float32")),
-    "fp8/token-head/f32": ("fp8_e4m3", Quantization("per_token_head", "float32")),
-    "fp8/token-head/bf16": ("fp8_e4m3", Quantization("per_token_head", "bfloat16")),
-    "fp8/tensor/f32": ("fp8_e4m3", Quantization("per_tensor", "float32")),
-    "int4/group32/f16": ("int4", Quantization("per_group", "float16", group_size=32)),
-    "int4/group16+zero/f16": ("int4", Quantization("per_group", "float16", group_size=16, zero_point=True)),
-    "int4/group8+zero/bf16": ("int4", Quantization("per_group", "bfloat16", group_size=8, zero_point=True)),
-}
 
 
 def fmt(encoding: str, **changes: object) -> KVFormat:
-    dtype, quant = ENCODINGS[encoding]
-    base = KVFormat(MODEL, dtype, page_size=16, head_start=0, head_end=MODEL.num_kv_heads, quant=quant)
-    return base.with_(**changes) if changes else base
+    return format_for(MODEL, encoding, **changes)
 
 
 def unit_absmax(x: torch.Tensor, bound: ErrorBound, group_size: int | None) -> torch.Tensor:

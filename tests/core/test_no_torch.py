@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 PURE_MODULES = ["hetpd.core.scheduler", "hetpd.core.block_allocator", "hetpd.core.sequence", "hetpd.kv.format",
-                "hetpd.models.config", "hetpd.sampling_params", "hetpd.outputs"]
+                "hetpd.models.config", "hetpd.sampling_params", "hetpd.outputs",
+                "hetpd.kv", "hetpd.kv.check", "hetpd.kv.plan", "hetpd.kv.state", "hetpd.kv.table"]
 
 
 def test_pure_layers_do_not_import_torch() -> None:

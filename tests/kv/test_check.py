@@ -13,7 +13,7 @@ K = VerdictKind
 
 
 def test_identical_formats() -> None:
-    verdict = check(fmt("fp8/tensor/f32"), fmt("fp8/tensor/f32"))
+    verdict = check(fmt("fp8-tensor-f32"), fmt("fp8-tensor-f32"))
     assert verdict.kind is K.IDENTICAL and verdict.steps == () and verdict.error_bound.exact
 
 
@@ -24,26 +24,26 @@ def test_identical_formats() -> None:
     ({"head_start": 2}, "select_heads"),
 ])
 def test_relayouts_are_lossless(changes: dict[str, object], step: str) -> None:
-    verdict = check(fmt("int8/token-head/f32"), fmt("int8/token-head/f32", **changes))
+    verdict = check(fmt("int8-token-f32"), fmt("int8-token-f32", **changes))
     assert verdict.kind is K.LOSSLESS_RELAYOUT and verdict.steps == (step,)
 
 
 def test_moving_scales_inline_is_a_relayout() -> None:
-    verdict = check(fmt("int4/group32/f16"), fmt("int4/group32/f16", scale_location="inline"))
+    verdict = check(fmt("int4-g32-f16"), fmt("int4-g32-f16", scale_location="inline"))
     assert verdict.kind is K.LOSSLESS_RELAYOUT and verdict.steps == ("move_scales",)
 
 
 @pytest.mark.parametrize(("producer", "consumer", "kind"), [
     ("bf16", "fp32", K.LOSSLESS_WIDENING),
     ("fp16", "fp32", K.LOSSLESS_WIDENING),
-    ("int8/token-head/f16", "fp32", K.LOSSLESS_WIDENING),  # 7-bit code x 11-bit scale fits fp32's 24 bits
-    ("fp8/token-head/bf16", "fp32", K.LOSSLESS_WIDENING),
-    ("int4/group32/f16", "fp32", K.LOSSLESS_WIDENING),
-    ("int8/token-head/f32", "fp32", K.LOSSY),  # 7 + 24 bits: the product rounds
-    ("int4/group16+zero/f16", "fp32", K.LOSSY),  # adding the zero point rounds
+    ("int8-token-f16", "fp32", K.LOSSLESS_WIDENING),  # 7-bit code x 11-bit scale fits fp32's 24 bits
+    ("fp8-token-bf16", "fp32", K.LOSSLESS_WIDENING),
+    ("int4-g32-f16", "fp32", K.LOSSLESS_WIDENING),
+    ("int8-token-f32", "fp32", K.LOSSY),  # 7 + 24 bits: the product rounds
+    ("int4-g16z-f16", "fp32", K.LOSSY),  # adding the zero point rounds
     ("bf16", "fp16", K.LOSSY),
-    ("fp32", "fp8/tensor/f32", K.LOSSY),
-    ("int8/token-head/f32", "int8/tensor/f32", K.LOSSY),
+    ("fp32", "fp8-tensor-f32", K.LOSSY),
+    ("int8-token-f32", "int8-tensor-f32", K.LOSSY),
 ])
 def test_value_changes(producer: str, consumer: str, kind: VerdictKind) -> None:
     verdict = check(fmt(producer), fmt(consumer))
@@ -80,10 +80,10 @@ def test_tensor_parallel_shards_overlap() -> None:
 
 
 def test_plan_converts_where_the_wire_is_smaller() -> None:
-    narrowing = plan_handoff(fmt("fp32"), fmt("int8/token-head/f32"))
-    assert narrowing.site == "producer" and narrowing.wire == fmt("int8/token-head/f32")
-    widening = plan_handoff(fmt("fp8/tensor/f32"), fmt("bf16"))
-    assert widening.site == "consumer" and widening.wire == fmt("fp8/tensor/f32")
+    narrowing = plan_handoff(fmt("fp32"), fmt("int8-token-f32"))
+    assert narrowing.site == "producer" and narrowing.wire == fmt("int8-token-f32")
+    widening = plan_handoff(fmt("fp8-tensor-f32"), fmt("bf16"))
+    assert widening.site == "consumer" and widening.wire == fmt("fp8-tensor-f32")
     assert widening.wire_bytes(100) < fmt("bf16").payload_bytes(100)
     tie = plan_handoff(fmt("bf16"), fmt("bf16", layout="HND"))
     assert tie.site == "producer"  # equal bytes: keep the decode side's bandwidth for decoding
@@ -93,6 +93,17 @@ def test_plan_converts_where_the_wire_is_smaller() -> None:
 
 
 def test_a_forced_wire_format_converts_on_both_sides() -> None:
-    plan = plan_handoff(fmt("bf16"), fmt("bf16"), wire=fmt("int4/group16+zero/f16"))
+    plan = plan_handoff(fmt("bf16"), fmt("bf16"), wire=fmt("int4-g16z-f16"))
     assert plan.site == "both" and plan.verdict.kind is K.LOSSY
     assert plan.producer_steps == ("quantise",) and plan.consumer_steps == ("dequantise",)
+
+
+def test_the_documented_verdict_table_is_what_the_code_says() -> None:
+    from pathlib import Path
+
+    from hetpd.kv.table import render
+
+    doc = (Path(__file__).parents[2] / "docs" / "kv-boundary.md").read_text()
+    start, end = "<!-- verdict-table:start -->\n", "\n<!-- verdict-table:end -->"
+    assert doc[doc.index(start) + len(start):doc.index(end)] == render(), \
+        "docs/kv-boundary.md is stale: regenerate its table with `python -m hetpd.kv.table`"

@@ -53,7 +53,7 @@ def test_every_pair_round_trips_within_the_stated_bound(source: str, target: str
         assert convert_payload(converted, consumer, producer, TOKENS)[0] == payload
 
 
-@pytest.mark.parametrize("wire", ["int8/token-head/f16", "fp8/tensor/f32", "int4/group16+zero/f16"])
+@pytest.mark.parametrize("wire", ["int8-token-f16", "fp8-tensor-f32", "int4-g16z-f16"])
 def test_a_forced_wire_format_stays_within_the_combined_bound(wire: str) -> None:
     producer, consumer = fmt("fp32"), fmt("bf16", page_size=4)
     plan = plan_handoff(producer, consumer, wire=fmt(wire))

@@ -19,7 +19,7 @@ def test_json_round_trip(encoding: str) -> None:
 
 
 def test_unknown_fields_are_kept_and_named_not_guessed() -> None:
-    raw = json.loads(fmt("fp8/tensor/f32").to_json())
+    raw = json.loads(fmt("fp8-tensor-f32").to_json())
     raw["swizzle"] = 1
     raw["quant"]["block_scale"] = [128, 128]
     parsed = KVFormat.from_json(json.dumps(raw))
@@ -39,12 +39,12 @@ def test_unknown_fields_are_kept_and_named_not_guessed() -> None:
     ({"scale_location": "inline"}, "per_tensor scales live once per layer"),
 ])
 def test_problems_name_the_field(changes: dict[str, object], named: str) -> None:
-    broken = fmt("int8/tensor/f32").with_(**changes)
+    broken = fmt("int8-tensor-f32").with_(**changes)
     assert any(named in p for p in broken.problems()), broken.problems()
 
 
 def test_group_size_must_divide_head_dim() -> None:
-    assert any("group_size 12" in p for p in fmt("int4/group32/f16", group_size=12).problems())
+    assert any("group_size 12" in p for p in fmt("int4-g32-f16", group_size=12).problems())
 
 
 def test_missing_required_field_is_a_clear_error() -> None:
@@ -55,8 +55,8 @@ def test_missing_required_field_is_a_clear_error() -> None:
 
 
 def test_sizes_match_the_documented_layout() -> None:
-    f = fmt("int8/token-head/f16", page_size=4)
+    f = fmt("int8-token-f16", page_size=4)
     # 2 layers x (K, V) x 3 pages x 4 slots x 4 heads x (32 one-byte codes + one 2-byte scale)
     assert f.payload_bytes(9) == 2 * 2 * 3 * 4 * 4 * (32 + 2)
-    assert fmt("int4/group16+zero/f16").layer_bytes(16) == 2 * 16 * 4 * (16 + 2 * 2 * 2)
-    assert fmt("fp8/tensor/f32").layer_bytes(16) == 2 * 16 * 4 * 32 + 2 * 4
+    assert fmt("int4-g16z-f16").layer_bytes(16) == 2 * 16 * 4 * (16 + 2 * 2 * 2)
+    assert fmt("fp8-tensor-f32").layer_bytes(16) == 2 * 16 * 4 * 32 + 2 * 4
