@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-PURE_MODULES = ["hetpd.core.scheduler", "hetpd.core.block_allocator", "hetpd.core.sequence", "hetpd.kv.format",
+PURE_MODULES = ["hetpd.core.scheduler", "hetpd.core.block_allocator", "hetpd.core.sequence", "hetpd.kv.format", "hetpd.transfer.base", "hetpd.transfer.factory", "hetpd.transfer.tcp", "hetpd.transfer.shm", "hetpd.transfer.inproc", "hetpd.transfer.nixl",
                 "hetpd.models.config", "hetpd.sampling_params", "hetpd.outputs",
                 "hetpd.kv", "hetpd.kv.check", "hetpd.kv.plan", "hetpd.kv.state", "hetpd.kv.table"]
 

@@ -98,6 +98,9 @@ class ReceiverCore(TransferReceiver):
         """The live record that ``peer`` may write into ``region``, or why not (then the caller
         drops the data and reports the reason to the peer)."""
         record = self._ledger.get(transfer_id)
+        recent = self._ledger.recent(transfer_id) if record is None else None
+        if recent is not None:
+            return f"transfer {transfer_id!r} already ended on the receiver ({recent.status.value})"
         if record is None or record.result is not None:
             return (f"receiver does not expect transfer {transfer_id!r} (never expected, or already "
                     f"ended); the receiver calls expect() before the sender posts")
@@ -110,6 +113,13 @@ class ReceiverCore(TransferReceiver):
         if record.peer != peer:
             return f"transfer {transfer_id!r} is already bound to another sender"
         return record
+
+    def _refusal(self, transfer_id: str, reason: str) -> TransferResult:
+        """What to tell a sender whose data was refused: CANCELLED if the receiver cancelled it."""
+        recent = self._ledger.recent(transfer_id)
+        cancelled = recent is not None and recent.status is TransferStatus.CANCELLED
+        return TransferResult(transfer_id, TransferStatus.CANCELLED if cancelled else TransferStatus.FAILED,
+                              0, reason)
 
     def _dst_view(self, record: TransferRecord, piece: Span) -> memoryview | None:
         """The destination bytes of ``piece``, or None (and the transfer FAILED) if out of

@@ -40,7 +40,7 @@ class InprocReceiver(ReceiverCore):
         """Called by ``sender.post``: copy each piece into the region, checking it."""
         record = self._bind(transfer_id, region, sender)
         if isinstance(record, str):
-            sender._verdict_failed(transfer_id, record)
+            self._tell_peer(sender, self._refusal(transfer_id, record))
             return
         for piece, checksum, payload in checked:
             # The lock is per piece, so a cancel waits for at most one piece's copy.
@@ -81,11 +81,6 @@ class InprocSender(SenderCore):
 
     def _send_cancel(self, record: TransferRecord) -> None:
         self._receiver._sender_cancelled(self, record.transfer_id)
-
-    def _verdict_failed(self, transfer_id: str, why: str) -> None:
-        record = self._ledger.get(transfer_id)
-        if record is not None:
-            self._fail(record, why)
 
     def __hash__(self) -> int:
         return id(self)

@@ -7,7 +7,8 @@ Each live transfer has one :class:`TransferRecord`. Invariants:
   ``result is None`` first. So after :meth:`Ledger.cancel` (which takes the lock) returns, no
   write of that transfer is running or will start: the receiver's key guarantee;
 * a final result is delivered exactly once (``wait``, ``poll`` or ``cancel``), and the record
-  is dropped at that moment, so the ledger's size is bounded by the transfers in flight.
+  is dropped at that moment, so the ledger's size is bounded by the transfers in flight (plus
+  the last ``RECENT`` delivered results, kept to answer a late peer precisely).
 
 Lock order: a record's ``write_lock`` before the ledger's condition lock, never the reverse.
 """
@@ -16,9 +17,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
 from hetpd.transfer.base import TransferResult, TransferStatus
+
+RECENT = 4096
 
 
 class TransferRecord:
@@ -44,6 +48,7 @@ class Ledger:
         self._records: dict[str, TransferRecord] = {}
         self._ended: list[str] = []  # ids whose result is set but not yet delivered, in order
         self._on_end = on_end  # e.g. tell the peer; called outside the ledger lock
+        self._recent: OrderedDict[str, TransferResult] = OrderedDict()  # delivered, newest last
 
     # ------------------------------------------------------------------ lookup
     def add(self, transfer_id: str, region: str) -> TransferRecord:
@@ -64,6 +69,11 @@ class Ledger:
         if record is None:
             raise ValueError(f"unknown transfer_id {transfer_id!r}: {hint}")
         return record
+
+    def recent(self, transfer_id: str) -> TransferResult | None:
+        """The delivered result of a recently ended transfer, if still remembered."""
+        with self._cond:
+            return self._recent.get(transfer_id)
 
     def records(self) -> list[TransferRecord]:
         with self._cond:
@@ -132,4 +142,8 @@ class Ledger:
         del self._records[record.transfer_id]
         if record.transfer_id in self._ended:
             self._ended.remove(record.transfer_id)
+        self._recent[record.transfer_id] = record.result
+        self._recent.move_to_end(record.transfer_id)
+        if len(self._recent) > RECENT:
+            self._recent.popitem(last=False)
         return record.result

@@ -87,8 +87,7 @@ class PullReceiver(ReceiverCore):
             raise PeerGone(f"malformed post message for transfer {tid!r}")
         record = self._bind(tid, region, conn)
         if isinstance(record, str):
-            conn.send_json({"op": "result", "tid": tid, "status": TransferStatus.FAILED.value, "nbytes": 0,
-                            "error": record})
+            self._tell_peer(conn, self._refusal(tid, record))
             return
         for raw in raw_pieces:
             if not (isinstance(raw, list) and len(raw) == 4 and all(isinstance(x, int) for x in raw)):

@@ -98,7 +98,7 @@ class TcpReceiver(ReceiverCore):
                 elif kind == END:
                     record = self._bind(transfer_id, text, conn)
                     if isinstance(record, str):
-                        conn.send(_frame(RESULT, transfer_id, record, status=_STATUS_CODE[TransferStatus.FAILED]))
+                        self._tell_peer(conn, self._refusal(transfer_id, record))
                     else:
                         self._post_done(record, bool(flags & FLAG_FINAL))
                 else:
