@@ -8,6 +8,7 @@ import sys
 PURE_MODULES = ["hetpd.core.scheduler", "hetpd.core.block_allocator", "hetpd.core.sequence", "hetpd.kv.format", "hetpd.transfer.base", "hetpd.transfer.factory", "hetpd.transfer.tcp", "hetpd.transfer.shm", "hetpd.transfer.inproc", "hetpd.transfer.nixl",
                 "hetpd.models.config", "hetpd.sampling_params", "hetpd.outputs",
                 "hetpd.kv", "hetpd.kv.check", "hetpd.kv.plan", "hetpd.kv.state", "hetpd.kv.table"]
+PURE_MODULES += ["hetpd.ownership.lease", "hetpd.ownership.ledger", "hetpd.ownership.recovery", "hetpd.ownership.messages"]
 
 
 def test_pure_layers_do_not_import_torch() -> None:
