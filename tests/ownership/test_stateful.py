@@ -33,21 +33,26 @@ from hetpd.ownership import (
     ConsumerLeases,
     Effect,
     Ended,
+    FailureKind,
     FreeBlocks,
     HoldBlocks,
     LeaseConfig,
     LeaseKey,
     LeaseState,
     ProducerLeases,
+    RecoveryPolicy,
+    Retry,
     ReserveRequest,
     Send,
     Side,
     StartTransfer,
     TransferOutcome,
+    decide,
     message_from_dict,
 )
 
 CONFIG = LeaseConfig(ttl=3.0, heartbeat_interval=1.0, retain=4.0)
+RETRY = RecoveryPolicy("retry", max_attempts=3, peer="same")
 BYTES_PER_BLOCK = 1000
 POOL_BLOCKS = {Side.PRODUCER: 10, Side.CONSUMER: 8}
 INDEX = st.integers(min_value=0, max_value=10_000)
@@ -114,6 +119,8 @@ class OwnershipMachine(RuleBasedStateMachine):
         self.posted_sends: set[str] = set()  # transfer ids a producer ever posted (bytes could flow)
         self.committed: set[LeaseKey] = set()  # keys any consumer incarnation committed
         self.settled: list[tuple[Side, str]] = []
+        # (producer incarnation, key, failure, request id, blocks) of failed attempts to recover
+        self.retries: list[tuple[int, LeaseKey, FailureKind, str, int]] = []
         self.counter = 0
 
     # ------------------------------------------------------------------ effects
@@ -158,6 +165,10 @@ class OwnershipMachine(RuleBasedStateMachine):
                 assert effect.side is side
                 if effect.state is LeaseState.RELEASED:
                     assert effect.lease in self.committed, f"producer released {effect.lease} before any commit"
+                if side is Side.PRODUCER and effect.failure is not None:
+                    lease = world.producer.get(effect.lease.lease_id, effect.lease.epoch)
+                    assert lease is not None
+                    self.retries.append((world.incarnation, effect.lease, effect.failure, lease.request_id, lease.offer.num_blocks))
         self.ledger.apply(side, effects)
 
     def deliver(self, position: int, to_new_incarnation: bool) -> None:
@@ -215,6 +226,27 @@ class OwnershipMachine(RuleBasedStateMachine):
         world.computing[lease_id] = blocks
         step = world.producer.open(lease_id, f"req{self.counter}", num_blocks, num_blocks * BYTES_PER_BLOCK, self.now)
         self.perform(Side.PRODUCER, step.effects)
+
+    def retry(self, incarnation: int, key: LeaseKey, failure: FailureKind, request_id: str, num_blocks: int) -> None:
+        world = self.worlds[Side.PRODUCER]
+        action = decide(RETRY, failure, key.epoch, "d0", ["d0"])
+        if incarnation != world.incarnation or not isinstance(action, Retry):
+            return  # the producer restarted since (its client went with it), or out of attempts
+        if key.lease_id not in world.computing:  # a prefill still running serves the retry too
+            if world.pool.num_available() < num_blocks:
+                return
+            blocks = tuple(world.pool.allocate(num_blocks))
+            for block in blocks:
+                world.owner[block] = ("computing", key.lease_id)
+            world.computing[key.lease_id] = blocks
+        step = world.producer.open(key.lease_id, request_id, num_blocks, num_blocks * BYTES_PER_BLOCK, self.now, epoch=action.attempt)
+        self.perform(Side.PRODUCER, step.effects)
+
+    @precondition(lambda self: self.retries)
+    @rule()
+    def recover_failed_handoffs(self) -> None:
+        while self.retries:
+            self.retry(*self.retries.pop(0))
 
     @precondition(lambda self: self.worlds[Side.PRODUCER].computing)
     @rule(index=INDEX)
@@ -362,13 +394,15 @@ class OwnershipMachine(RuleBasedStateMachine):
                 self.finish_compute(lease_id)
             while consumer.pending_admits:
                 self.admit(consumer.pending_admits.pop(0), accept=True)
+            while self.retries:
+                self.retry(*self.retries.pop(0))
             while self.network:
                 self.deliver(0, to_new_incarnation=False)
             for side in Side:
                 for transfer_id in sorted(self.worlds[side].transfers):
                     cancelled = self.worlds[side].transfers[transfer_id].cancel_requested
                     self.settle(side, transfer_id, TransferOutcome.CANCELLED if cancelled else TransferOutcome.COMPLETED)
-            if self.network or consumer.pending_admits or producer.computing:
+            if self.network or consumer.pending_admits or producer.computing or self.retries:
                 continue
             if any(w.transfers for w in self.worlds.values()) or any(w.table.live() for w in self.worlds.values()):
                 self.now += CONFIG.ttl + 0.1
