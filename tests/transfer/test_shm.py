@@ -90,3 +90,25 @@ def test_remove_orphan_segments_spares_live_processes() -> None:
         sender.allocate_region("a", 4096)
         assert remove_orphan_segments() == [] or all(str(os.getpid()) not in n for n in remove_orphan_segments())
         assert len(list_segments(os.getpid())) == 1
+
+
+@pytest.mark.timeout(30)
+def test_unregistering_a_source_unlinks_it_and_the_receiver_unmaps_it() -> None:
+    import time
+
+    with ShmReceiver() as receiver, ShmSender() as sender:
+        dst = receiver.register_region("kv", bytearray(100))
+        sender.allocate_region("src", 100)
+        receiver.expect("a", "kv")
+        sender.post("a", "src", dst, [Span(0, 0, 100)], final=False)
+        with pytest.raises(ValueError, match="live transfers \\['a'\\]"):
+            sender.unregister_region("src")
+        sender.post("a", "src", dst, [], final=True)
+        assert sender.wait("a", 5).ok
+        assert len(receiver._mapped) == 1
+        sender.unregister_region("src")
+        assert list_segments(os.getpid()) == []
+        deadline = time.monotonic() + 5
+        while receiver._mapped and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not receiver._mapped, "receiver kept mapping a segment the sender freed"

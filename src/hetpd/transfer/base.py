@@ -228,6 +228,11 @@ class TransferSender(_Closable):
     def register_region(self, name: str, buffer: Buffer) -> RegionDescriptor:
         """Register source memory under ``name``."""
 
+    @abstractmethod
+    def unregister_region(self, name: str) -> None:
+        """Forget a source region (and release what exposes it to receivers); ValueError if
+        unknown or if a transfer posted from it has not ended."""
+
     def allocate_region(self, name: str, length: int) -> memoryview:
         """A new zero-filled source region of ``length`` bytes, registered under ``name``.
 

@@ -205,6 +205,18 @@ class SenderCore(TransferSender):
         self._sources[name] = view
         return RegionDescriptor(self.backend, name, len(view), {})
 
+    def unregister_region(self, name: str) -> None:
+        if name not in self._sources:
+            raise ValueError(f"unknown source region {name!r}; registered: {sorted(self._sources)}")
+        live = [r.transfer_id for r in self._ledger.records() if r.source == name and r.result is None]
+        if live:
+            raise ValueError(f"source region {name!r} has live transfers {live}; wait for or cancel them first")
+        self._release_source(name)
+        del self._sources[name]
+
+    def _release_source(self, name: str) -> None:
+        """Hook: stop exposing source region ``name`` (pull backends)."""
+
     def post(self, transfer_id: str, src_region: str, dst: RegionDescriptor, spans: Sequence[Span], *,
              final: bool) -> None:
         check_name(transfer_id, "transfer_id")
@@ -222,11 +234,13 @@ class SenderCore(TransferSender):
         record = self._ledger.get(transfer_id)
         if record is not None and record.final_posted:
             raise ValueError(f"transfer_id {transfer_id!r} already had its final post; wait for its result")
-        if record is not None and record.region != dst.region:
-            raise ValueError(f"transfer_id {transfer_id!r} goes to region {record.region!r}, not {dst.region!r}")
+        if record is not None and (record.region, record.source) != (dst.region, src_region):
+            raise ValueError(f"transfer_id {transfer_id!r} goes from {record.source!r} to region {record.region!r}; "
+                             f"one transfer has one source and one destination region")
         if record is None:
             record = self._ledger.add(transfer_id, dst.region)
             record.peer = self._peer_key(dst)
+            record.source = src_region
         self._prepare(src_region, spans)
         record.final_posted = final
         if record.result is not None:

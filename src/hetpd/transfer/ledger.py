@@ -28,11 +28,12 @@ RECENT = 4096
 class TransferRecord:
     """One live transfer (mutable, internal). ``peer`` is the connection it is bound to."""
 
-    __slots__ = ("transfer_id", "region", "peer", "nbytes", "result", "final_posted", "write_lock")
+    __slots__ = ("transfer_id", "region", "source", "peer", "nbytes", "result", "final_posted", "write_lock")
 
     def __init__(self, transfer_id: str, region: str) -> None:
         self.transfer_id = transfer_id
         self.region = region
+        self.source = ""  # sender side: the source region posted from
         self.peer: Hashable | None = None
         self.nbytes = 0
         self.result: TransferResult | None = None

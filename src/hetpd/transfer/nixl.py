@@ -148,6 +148,11 @@ class NixlSender(PullSender):
         self._metadata = base64.b64encode(self._agent.get_agent_metadata()).decode()
         return descriptor
 
+    def _release_source(self, name: str) -> None:
+        self._tell_receivers_forget(name)
+        self._agent.deregister_memory(self._registered.pop(name))
+        self._metadata = base64.b64encode(self._agent.get_agent_metadata()).decode()
+
     def _source(self, src_region: str) -> dict[str, Any]:
         view = self._sources[src_region]
         return {"agent": self._agent.name, "metadata": self._metadata, "addr": _address_of(view),

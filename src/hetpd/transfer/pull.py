@@ -46,6 +46,9 @@ class PullReceiver(ReceiverCore):
     def _forget_peer(self, conn: Conn) -> None:
         """Release what was opened for ``conn``'s sources (mappings, remote agents)."""
 
+    def _forget_source(self, conn: Conn, source: dict[str, Any]) -> None:
+        """The sender unregistered ``source``: release what was opened for it."""
+
     def _address(self) -> dict[str, str | int]:
         return {"host": self._listener.host, "port": self._listener.port}
 
@@ -73,6 +76,10 @@ class PullReceiver(ReceiverCore):
                     self._pull(conn, tid, message)
                 elif op == "cancel":
                     self._peer_cancelled(tid, conn)
+                elif op == "forget":
+                    source = message.get("source")
+                    if isinstance(source, dict):
+                        self._forget_source(conn, source)
                 else:
                     raise PeerGone(f"unknown control op {op!r}: not the hetpd pull protocol")
         except PeerGone as exc:
@@ -170,6 +177,18 @@ class PullSender(SenderCore):
         if known is not None:
             try:
                 known[0].send_json({"op": "cancel", "tid": record.transfer_id})
+            except PeerGone:
+                pass
+
+    def _tell_receivers_forget(self, src_region: str) -> None:
+        """Before a source goes away, let every connected receiver drop what it opened for it
+        (otherwise a long-lived receiver would keep mapping segments the sender freed)."""
+        message = {"op": "forget", "tid": "", "source": self._source(src_region)}
+        with self._conns_lock:
+            conns = [conn for conn, _ in self._conns.values()]
+        for conn in conns:
+            try:
+                conn.send_json(message)
             except PeerGone:
                 pass
 

@@ -1,0 +1,333 @@
+#!/usr/bin/env python
+"""KV transfer cost: the byte transports against their raw paths, on this machine, in one run.
+
+Sections (``SECTIONS``; each is one function, add the KV conversion-cost section there):
+
+* **shm**: ``ShmSender`` (source in a segment from ``allocate_region``) -> ``ShmReceiver`` in
+  another process, timed from ``post`` to the sender's OK verdict, against the raw path: one
+  ``numpy.copyto`` of the same bytes between two buffers in one process.
+* **tcp**: ``TcpSender`` -> ``TcpReceiver`` in another process over 127.0.0.1, timed from
+  ``post`` to the OK verdict, against the raw path: a plain ``sendall`` / ``recv_into`` loop
+  between the same two processes over 127.0.0.1 (same socket options), timed to a one-byte ack.
+
+Each transport runs with checksums (the default) and without (``verify=False`` on both sides).
+For every size the variants are interleaved (raw, transport, transport without checksum, the
+order rotating each repeat) and repeated; we report medians of throughput and the median of
+the per-repeat ratios, which is what survives a noisy shared machine.
+
+Run from the repository root:  .venv/bin/python benchmarks/kv_transfer.py [--quick]
+Writes benchmarks/results/kv_transfer.json and kv_transfer.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import select
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hetpd.transfer import RegionDescriptor, Span, TransferSender, make_receiver, make_sender
+from hetpd.transfer.net import tune
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MIB = 1 << 20
+SIZES_MIB = [1, 4, 16, 64, 256]
+QUICK_SIZES_MIB = [1, 4, 16]
+TARGET_RATIO = 0.80  # transport / raw throughput at >= 16 MiB
+TARGET_CHECKSUM_OVERHEAD = 0.10
+RECEIVERS = {"shm": ("shm", True), "shm_nc": ("shm", False), "tcp": ("tcp", True), "tcp_nc": ("tcp", False)}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def prefaulted(size: int, fill: int = 0) -> np.ndarray:
+    """A buffer whose pages are already mapped (a first touch would be timed otherwise)."""
+    buffer = np.empty(size, dtype=np.uint8)
+    buffer.fill(fill)
+    return buffer
+
+
+# ---------------------------------------------------------------------------- the peer process
+def child(max_size: int) -> None:
+    """The receiving process: one region shared by every receiver, plus the raw TCP server.
+    Driven by JSON lines on stdin (no pickle anywhere)."""
+    region = prefaulted(max_size)
+    receivers = {key: make_receiver(backend, verify=verify) for key, (backend, verify) in RECEIVERS.items()}
+    descriptors = {key: r.register_region("kv", region).to_dict() for key, r in receivers.items()}
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def raw_server() -> None:
+        conn, _ = server.accept()
+        tune(conn)
+        conn.settimeout(None)
+        view = memoryview(region)
+        header = bytearray(8)
+        while True:
+            if conn.recv_into(header, 8, socket.MSG_WAITALL) != 8:
+                return
+            (size,) = struct.unpack("!Q", header)
+            pos = 0
+            while pos < size:
+                got = conn.recv_into(view[pos:size])
+                if got == 0:
+                    return
+                pos += got
+            conn.sendall(b"k")
+
+    threading.Thread(target=raw_server, daemon=True).start()
+    print(json.dumps({"descriptors": descriptors, "raw_port": server.getsockname()[1]}), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["cmd"] == "expect":
+            receiver = receivers[cmd["which"]]
+            receiver.poll()  # results the parent already saw from its sender: drop them
+            receiver.expect(cmd["tid"], "kv")
+            print(json.dumps({"ok": True}), flush=True)
+        elif cmd["cmd"] == "quit":
+            break
+    for receiver in receivers.values():
+        receiver.close()
+
+
+class Peer:
+    def __init__(self, max_size: int) -> None:
+        self.proc = subprocess.Popen([sys.executable, __file__, "--child", str(max_size)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        hello = self._read()
+        self.descriptors = {k: RegionDescriptor.from_dict(v) for k, v in hello["descriptors"].items()}
+        self.raw_port: int = hello["raw_port"]
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 120)
+        if not ready:
+            raise RuntimeError("benchmark peer did not answer in 120 s")
+        reply: dict[str, Any] = json.loads(self.proc.stdout.readline())
+        return reply
+
+    def expect(self, which: str, tid: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"cmd": "expect", "which": which, "tid": tid}) + "\n")
+        self._read()
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+# ---------------------------------------------------------------------------- measurements
+@dataclass(frozen=True)
+class Row:
+    section: str
+    size_mib: int
+    raw_gbps: float
+    transport_gbps: float
+    nocheck_gbps: float
+    ratio: float  # median over repeats of transport / raw
+    nocheck_ratio: float
+    checksum_overhead: float  # median over repeats of 1 - transport / transport-without-checksum
+    repeats: int
+
+
+@dataclass
+class Context:
+    peer: Peer
+    sizes: list[int]
+    repeats: int
+    counter: int = 0
+
+    def tid(self) -> str:
+        self.counter += 1
+        return f"bench-{self.counter}"
+
+
+def timed_transfer(ctx: Context, sender: TransferSender, which: str, size: int) -> float:
+    tid = ctx.tid()
+    ctx.peer.expect(which, tid)
+    start = time.perf_counter()
+    sender.post(tid, "src", ctx.peer.descriptors[which], [Span(0, 0, size)], final=True)
+    result = sender.wait(tid, 120)
+    elapsed = time.perf_counter() - start
+    if not result.ok:
+        raise RuntimeError(f"{which} transfer of {size} bytes: {result}")
+    return elapsed
+
+
+def interleaved(ctx: Context, section: str, size: int, variants: dict[str, Callable[[], float]]) -> Row:
+    """Run the variants in rotating order, ``ctx.repeats`` times; medians of throughput and ratios."""
+    names = list(variants)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(ctx.repeats):
+        order = names[rep % len(names):] + names[: rep % len(names)]
+        for name in order:
+            elapsed = variants[name]()
+            times[name].append(elapsed)
+            log(f"{section:4s} {size // MIB:4d} MiB rep {rep + 1}/{ctx.repeats} {name:9s} "
+                f"{size / elapsed / 1e9:7.2f} GB/s")
+    gbps = {name: statistics.median(size / t / 1e9 for t in ts) for name, ts in times.items()}
+    raw, tr, nc = times["raw"], times["transport"], times["no_check"]
+    return Row(section, size // MIB, gbps["raw"], gbps["transport"], gbps["no_check"],
+               ratio=statistics.median(r / t for r, t in zip(raw, tr)),
+               nocheck_ratio=statistics.median(r / n for r, n in zip(raw, nc)),
+               checksum_overhead=statistics.median(1 - n / t for n, t in zip(nc, tr)),
+               repeats=ctx.repeats)
+
+
+def shm_section(ctx: Context) -> list[Row]:
+    largest = max(ctx.sizes) * MIB
+    src, dst = prefaulted(largest, 7), prefaulted(largest)
+    src[:] = np.random.default_rng(0).integers(0, 256, largest, dtype=np.uint8)
+    senders = {"shm": make_sender("shm"), "shm_nc": make_sender("shm", verify=False)}
+    for sender in senders.values():
+        np.frombuffer(sender.allocate_region("src", largest), dtype=np.uint8)[:] = src  # producer writes here
+    rows = []
+    try:
+        for mib in ctx.sizes:
+            size = mib * MIB
+
+            def raw(size: int = size) -> float:
+                start = time.perf_counter()
+                np.copyto(dst[:size], src[:size])
+                return time.perf_counter() - start
+
+            rows.append(interleaved(ctx, "shm", size, {
+                "raw": raw,
+                "transport": lambda size=size: timed_transfer(ctx, senders["shm"], "shm", size),  # type: ignore[misc]
+                "no_check": lambda size=size: timed_transfer(ctx, senders["shm_nc"], "shm_nc", size),  # type: ignore[misc]
+            }))
+    finally:
+        for sender in senders.values():
+            sender.close()
+    return rows
+
+
+def tcp_section(ctx: Context) -> list[Row]:
+    largest = max(ctx.sizes) * MIB
+    src = np.random.default_rng(1).integers(0, 256, largest, dtype=np.uint8)
+    senders = {"tcp": make_sender("tcp"), "tcp_nc": make_sender("tcp", verify=False)}
+    for sender in senders.values():
+        sender.register_region("src", src)
+    raw_sock = socket.create_connection(("127.0.0.1", ctx.peer.raw_port))
+    tune(raw_sock)
+    raw_sock.settimeout(None)
+    view, ack = memoryview(src), bytearray(1)
+    rows = []
+    try:
+        for mib in ctx.sizes:
+            size = mib * MIB
+
+            def raw(size: int = size) -> float:
+                start = time.perf_counter()
+                raw_sock.sendall(struct.pack("!Q", size))
+                raw_sock.sendall(view[:size])
+                raw_sock.recv_into(ack, 1)
+                return time.perf_counter() - start
+
+            rows.append(interleaved(ctx, "tcp", size, {
+                "raw": raw,
+                "transport": lambda size=size: timed_transfer(ctx, senders["tcp"], "tcp", size),  # type: ignore[misc]
+                "no_check": lambda size=size: timed_transfer(ctx, senders["tcp_nc"], "tcp_nc", size),  # type: ignore[misc]
+            }))
+    finally:
+        raw_sock.close()
+        for sender in senders.values():
+            sender.close()
+    return rows
+
+
+# One function per section: Context -> rows. The KV conversion-cost section goes here too.
+SECTIONS: list[Callable[[Context], list[Row]]] = [shm_section, tcp_section]
+
+
+# ---------------------------------------------------------------------------- reporting
+def table(rows: list[Row]) -> str:
+    lines = [f"{'path':5s} {'MiB':>5s} {'raw GB/s':>9s} {'xport GB/s':>10s} {'no-cksum':>9s} "
+             f"{'xport/raw':>9s} {'nock/raw':>9s} {'cksum ovh':>9s}  target"]
+    for r in rows:
+        meets = ""
+        if r.size_mib >= 16:
+            ok = r.ratio >= TARGET_RATIO and r.checksum_overhead < TARGET_CHECKSUM_OVERHEAD
+            meets = "met" if ok else "MISSED"
+        lines.append(f"{r.section:5s} {r.size_mib:5d} {r.raw_gbps:9.2f} {r.transport_gbps:10.2f} {r.nocheck_gbps:9.2f} "
+                     f"{r.ratio:9.2f} {r.nocheck_ratio:9.2f} {r.checksum_overhead:9.1%}  {meets}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, section in zip(axes, ("shm", "tcp")):
+        mine = [r for r in rows if r.section == section]
+        sizes = [r.size_mib for r in mine]
+        ax.plot(sizes, [r.raw_gbps for r in mine], "k--o", label="raw path")
+        ax.plot(sizes, [r.transport_gbps for r in mine], "-o", label="transport (checksum)")
+        ax.plot(sizes, [r.nocheck_gbps for r in mine], "-s", label="transport, no checksum")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("transfer size (MiB)")
+        ax.set_ylabel("GB/s (median)")
+        ax.set_title(f"{section}: transport vs raw")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="sizes 1-16 MiB, 3 repeats")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        child(args.child)
+        return
+    sizes = QUICK_SIZES_MIB if args.quick else SIZES_MIB
+    repeats = args.repeats or (3 if args.quick else 5)
+    log(f"load average {os.getloadavg()}; sizes {sizes} MiB, {repeats} repeats")
+    peer = Peer(max(sizes) * MIB)
+    ctx = Context(peer, sizes, repeats)
+    rows: list[Row] = []
+    try:
+        for section in SECTIONS:
+            rows.extend(section(ctx))
+    finally:
+        peer.close()
+    print(table(rows))
+    RESULTS_DIR.mkdir(exist_ok=True)
+    report = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "load_average_after": os.getloadavg(),
+        "targets": {"ratio_at_16mib_plus": TARGET_RATIO, "checksum_overhead": TARGET_CHECKSUM_OVERHEAD},
+        "rows": [asdict(r) for r in rows],
+    }
+    (RESULTS_DIR / "kv_transfer.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(rows, RESULTS_DIR / "kv_transfer.png")
+    log(f"wrote {RESULTS_DIR / 'kv_transfer.json'} and kv_transfer.png")
+
+
+if __name__ == "__main__":
+    main()
