@@ -383,6 +383,7 @@ class ConsumerLease(_Lease):
             adopt = AdoptBlocks(self.key, self.request_id, self.blocks, self.num_bytes)
             self.blocks = ()
             self.state, self.ended_at, self.last_sent = LeaseState.COMMITTED, now, now
+            self.renew(now)  # re-send Committed for up to a ttl, until the producer acknowledges
             return applied(
                 adopt,
                 Send(Committed(self.key.lease_id, self.key.epoch)),

@@ -112,16 +112,12 @@ class _Table(Generic[_L]):
         return Tick(tuple(effects), tuple(expired), self._prune(now))
 
     # ------------------------------------------------------------------ helpers
-    def _lookup(self, message: Message) -> _L | Step:
-        """The lease a message is about, or the step for a stale message."""
-        key = LeaseKey(message.lease_id, message.epoch)
-        lease = self._leases.get(key)
-        if lease is not None:
-            return lease
+    def _stale(self, key: LeaseKey) -> Step | None:
+        """The step for a message from an attempt older than the newest one known, else None."""
         newest = self._newest.get(key.lease_id)
         if newest is not None and key.epoch < newest:
             return ignored(f"stale epoch {key.epoch} of {key.lease_id!r} (newest is {newest})")
-        return ignored(f"unknown lease {key}")
+        return None
 
     def _add(self, lease: _L) -> None:
         self._leases[lease.key] = lease
@@ -152,12 +148,11 @@ class _Table(Generic[_L]):
         return len(forget)
 
 
-def _unknown_answer(message: Message, step: Step) -> Step:
-    """Answer a message that expects a live lease we do not know, so the peer frees promptly."""
-    if step.reason.startswith("unknown lease"):
-        notice = Abort(message.lease_id, message.epoch, FailureKind.PEER_UNKNOWN, "lease unknown here (restarted or forgotten)")
-        return ignored(step.reason, Send(notice))
-    return step
+def _answer_unknown(message: Message) -> Step:
+    """A message that expects a live lease we do not know: answer it, so the peer frees promptly
+    instead of waiting a whole TTL."""
+    notice = Abort(message.lease_id, message.epoch, FailureKind.PEER_UNKNOWN, "lease unknown here (restarted or forgotten)")
+    return ignored(f"unknown lease {message.lease_id}@{message.epoch}", Send(notice))
 
 
 class ProducerLeases(_Table[ProducerLease]):
@@ -182,7 +177,7 @@ class ProducerLeases(_Table[ProducerLease]):
 
     def hold(self, lease_id: str, block_ids: tuple[int, ...] | list[int], num_bytes: int, now: float) -> Step:
         """Prefill of the newest attempt is done: the lease takes the pages. If it ended already
-        (or is unknown) the step says to free them instead."""
+        (or was forgotten: the effect's key then has epoch 0) the step says to free them instead."""
         blocks = tuple(block_ids)
         lease = self.get(lease_id)
         if lease is None:
@@ -193,12 +188,16 @@ class ProducerLeases(_Table[ProducerLease]):
         """A message from a consumer."""
         if isinstance(message, (ReserveRequest, TransferPosted, ReleaseAck)):
             return ignored(f"{message.TYPE} is not a consumer-to-producer message")
-        found = self._lookup(message)
-        if isinstance(found, Step):
-            if isinstance(message, (Reserved, Heartbeat, Committed)):
-                return _unknown_answer(message, found)
-            return found
-        return self._track(found, found.receive(message, now))
+        key = LeaseKey(message.lease_id, message.epoch)
+        lease = self._leases.get(key)
+        if lease is not None:
+            return self._track(lease, lease.receive(message, now))
+        stale = self._stale(key)
+        if stale is not None:
+            return stale
+        if isinstance(message, (Reserved, Heartbeat, Committed)):
+            return _answer_unknown(message)
+        return ignored(f"unknown lease {key}")  # a failure notice: never answered
 
 
 class ConsumerLeases(_Table[ConsumerLease]):
@@ -210,12 +209,13 @@ class ConsumerLeases(_Table[ConsumerLease]):
         another ``Admit``, and the second ``reserve`` hands its pages straight back)."""
         if isinstance(message, (Reserved, Refused, Committed)):
             return ignored(f"{message.TYPE} is not a producer-to-consumer message")
-        found = self._lookup(message)
-        if not isinstance(found, Step):
-            return self._track(found, found.receive(message, now))
-        if found.reason.startswith("stale"):
-            return found
         key = LeaseKey(message.lease_id, message.epoch)
+        lease = self._leases.get(key)
+        if lease is not None:
+            return self._track(lease, lease.receive(message, now))
+        stale = self._stale(key)
+        if stale is not None:
+            return stale
         if isinstance(message, ReserveRequest):
             effects: list[Effect] = []
             for older in self:
@@ -228,8 +228,8 @@ class ConsumerLeases(_Table[ConsumerLease]):
             self._add(ConsumerLease.ended(key, "", failure, f"peer: {message.detail}", self.config, now, None))
             return applied()
         if isinstance(message, (TransferPosted, Heartbeat)):
-            return _unknown_answer(message, found)
-        return found
+            return _answer_unknown(message)
+        return ignored(f"unknown lease {key}")  # a release ack for a forgotten lease
 
     def reserve(self, offer: ReserveRequest, block_ids: tuple[int, ...] | list[int], num_bytes: int, now: float) -> Step:
         """Admit an offer with pages the caller allocated (state RESERVED) and tell the producer.
