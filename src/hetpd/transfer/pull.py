@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import threading
 from abc import abstractmethod
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 from hetpd.transfer.base import FaultInjection, RegionDescriptor, Span, TransferResult, TransferStatus
 from hetpd.transfer.checksum import PIECE_BYTES
-from hetpd.transfer.core import ReceiverCore, SenderCore
+from hetpd.transfer.core import ReceiverCore
 from hetpd.transfer.ledger import TransferRecord
-from hetpd.transfer.net import Conn, Listener, PeerGone, connect, reader_thread
+from hetpd.transfer.net import Conn, Listener, PeerGone
+from hetpd.transfer.netsender import NetSender, Verdict
+
+_VERDICTS = {s.value for s in TransferStatus} - {TransferStatus.TIMED_OUT.value}
 
 
 class PullReceiver(ReceiverCore):
@@ -116,106 +119,51 @@ class PullReceiver(ReceiverCore):
         self._post_done(record, bool(message.get("final")))
 
 
-class PullSender(SenderCore):
+class PullSender(NetSender):
     """Exposes source regions and posts pieces over a control connection per receiver."""
 
     _pull = True
 
     def __init__(self, fault: FaultInjection | None = None, piece_bytes: int = PIECE_BYTES,
                  connect_timeout: float = 5.0, io_timeout: float = 10.0, verify: bool = True) -> None:
-        super().__init__(fault, piece_bytes, verify)
-        self._connect_timeout = connect_timeout
-        self._io_timeout = io_timeout
-        self._conns: dict[str, tuple[Conn, threading.Thread]] = {}
-        self._conns_lock = threading.Lock()
-        self._stopping = threading.Event()
+        super().__init__(fault, piece_bytes, connect_timeout, io_timeout, verify)
 
     @abstractmethod
     def _source(self, src_region: str) -> dict[str, Any]:
         """What the receiver needs to read ``src_region`` (JSON-serialisable)."""
-
-    def _peer_key(self, dst: RegionDescriptor) -> Hashable:
-        return f"{dst.address.get('host')}:{dst.address.get('port')}"
-
-    def _conn(self, dst: RegionDescriptor) -> Conn:
-        key = str(self._peer_key(dst))
-        with self._conns_lock:
-            known = self._conns.get(key)
-            if known is not None and not known[0].closed.is_set():
-                return known[0]
-            host, port = dst.address.get("host"), dst.address.get("port")
-            if not isinstance(host, str) or not isinstance(port, int):
-                raise PeerGone(f"dst region {dst.region!r} has no host/port in its address {dst.address}")
-            try:
-                conn = connect(host, port, self._connect_timeout, self._io_timeout)
-            except OSError as exc:
-                raise PeerGone(f"cannot connect to receiver {key}: {exc}") from exc
-            thread = reader_thread(conn, lambda c: self._read_verdicts(c, key), f"hetpd-{self.backend}-send")
-            self._conns[key] = (conn, thread)
-            return conn
 
     def _send_post(self, record: TransferRecord, src_region: str, dst: RegionDescriptor,
                    checked: Iterator[tuple[Span, int, memoryview]], final: bool) -> None:
         tid = record.transfer_id
         try:
             conn = self._conn(dst)
-            source = self._source(src_region)
-            message: dict[str, Any] = {"op": "post", "tid": tid, "region": dst.region, "source": source,
-                                       "pieces": [], "final": False}
+            message: dict[str, Any] = {"op": "post", "tid": tid, "region": dst.region,
+                                       "source": self._source(src_region), "pieces": [], "final": False}
             for piece, checksum, _ in checked:
                 if record.result is not None:
                     return  # the receiver ended it
                 conn.send_json({**message, "pieces": [[piece.src_offset, piece.dst_offset, piece.length, checksum]]})
             conn.send_json({**message, "final": final})
         except PeerGone as exc:
-            self._peer_lost(record.peer or "", f"transfer {tid!r}: connection to receiver lost ({exc})")
-            self._fail(record, f"transfer {tid!r}: connection to receiver lost ({exc})")
+            self._lost(record, exc)
 
-    def _send_cancel(self, record: TransferRecord) -> None:
-        with self._conns_lock:
-            known = self._conns.get(str(record.peer))
-        if known is not None:
-            try:
-                known[0].send_json({"op": "cancel", "tid": record.transfer_id})
-            except PeerGone:
-                pass
+    def _send_cancel_on(self, conn: Conn, transfer_id: str) -> None:
+        conn.send_json({"op": "cancel", "tid": transfer_id})
 
     def _tell_receivers_forget(self, src_region: str) -> None:
         """Before a source goes away, let every connected receiver drop what it opened for it
         (otherwise a long-lived receiver would keep mapping segments the sender freed)."""
         message = {"op": "forget", "tid": "", "source": self._source(src_region)}
-        with self._conns_lock:
-            conns = [conn for conn, _ in self._conns.values()]
-        for conn in conns:
+        for conn in self._connections():
             try:
                 conn.send_json(message)
             except PeerGone:
                 pass
 
-    def _read_verdicts(self, conn: Conn, key: str) -> None:
-        try:
-            while True:
-                message = conn.recv_json(self._stopping.is_set)
-                tid, status, nbytes, error = (message.get(k) for k in ("tid", "status", "nbytes", "error"))
-                valid = {s.value for s in TransferStatus} - {TransferStatus.TIMED_OUT.value}
-                if message.get("op") != "result" or not isinstance(tid, str) or status not in valid \
-                        or not isinstance(nbytes, int) or not (error is None or isinstance(error, str)):
-                    raise PeerGone(f"malformed result message from receiver {key}")
-                self._verdict(tid, TransferStatus(status), nbytes, error)
-        except PeerGone as exc:
-            with self._conns_lock:
-                current = self._conns.get(key)
-            if current is None or current[0] is conn:
-                self._peer_lost(key, f"connection to receiver {key} lost ({exc})")
-        finally:
-            conn.close()
-
-    def close(self) -> None:
-        self._stopping.set()
-        with self._conns_lock:
-            conns = list(self._conns.values())
-            self._conns.clear()
-        for conn, thread in conns:
-            conn.close()
-            thread.join(timeout=2)
-        super().close()
+    def _recv_verdict(self, conn: Conn, stopping: Callable[[], bool], key: str) -> Verdict:
+        message = conn.recv_json(stopping)
+        tid, status, nbytes, error = (message.get(k) for k in ("tid", "status", "nbytes", "error"))
+        if message.get("op") != "result" or not isinstance(tid, str) or status not in _VERDICTS \
+                or not isinstance(nbytes, int) or not (error is None or isinstance(error, str)):
+            raise PeerGone(f"malformed result message from receiver {key}")
+        return tid, TransferStatus(status), nbytes, error

@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 
 import xxhash
 
 from hetpd.transfer.base import FaultInjection, RegionDescriptor, Span, TransferResult, TransferStatus
 from hetpd.transfer.checksum import CHUNK_BYTES
-from hetpd.transfer.core import ReceiverCore, SenderCore
+from hetpd.transfer.core import ReceiverCore
 from hetpd.transfer.ledger import TransferRecord
-from hetpd.transfer.net import Conn, Listener, PeerGone, connect, reader_thread
+from hetpd.transfer.net import Conn, Listener, PeerGone
+from hetpd.transfer.netsender import NetSender, Verdict
 
 BACKEND = "tcp"
 MAGIC = b"HPD1"
@@ -136,7 +137,7 @@ class TcpReceiver(ReceiverCore):
             pos += conn.recv_into(scratch[: min(len(scratch), piece.length - pos)], stopping)
 
 
-class TcpSender(SenderCore):
+class TcpSender(NetSender):
     """Pushes pieces over one connection per receiver address. ``post`` returns when the kernel
     took the bytes; a receiver that reads nothing for ``io_timeout`` seconds fails the transfer."""
 
@@ -144,31 +145,7 @@ class TcpSender(SenderCore):
 
     def __init__(self, fault: FaultInjection | None = None, piece_bytes: int = TCP_PIECE_BYTES,
                  connect_timeout: float = 5.0, io_timeout: float = 10.0, verify: bool = True) -> None:
-        super().__init__(fault, piece_bytes, verify)
-        self._connect_timeout = connect_timeout
-        self._io_timeout = io_timeout
-        self._conns: dict[str, tuple[Conn, threading.Thread]] = {}
-        self._conns_lock = threading.Lock()
-        self._stopping = threading.Event()
-
-    def _peer_key(self, dst: RegionDescriptor) -> Hashable:
-        return f"{dst.address.get('host')}:{dst.address.get('port')}"
-
-    def _conn(self, dst: RegionDescriptor) -> Conn:
-        key = str(self._peer_key(dst))
-        with self._conns_lock:
-            known = self._conns.get(key)
-            if known is not None and not known[0].closed.is_set():
-                return known[0]
-            host, port = dst.address.get("host"), dst.address.get("port")
-            if not isinstance(host, str) or not isinstance(port, int):
-                raise PeerGone(f"dst region {dst.region!r} has no host/port in its address {dst.address}")
-            try:
-                conn = connect(host, port, self._connect_timeout, self._io_timeout)
-            except OSError as exc:
-                raise PeerGone(f"cannot connect to receiver {key}: {exc}") from exc
-            self._conns[key] = (conn, reader_thread(conn, lambda c: self._read_verdicts(c, key), "hetpd-tcp-send"))
-            return conn
+        super().__init__(fault, piece_bytes, connect_timeout, io_timeout, verify)
 
     def _send_post(self, record: TransferRecord, src_region: str, dst: RegionDescriptor,
                    checked: Iterator[tuple[Span, int, memoryview]], final: bool) -> None:
@@ -178,48 +155,21 @@ class TcpSender(SenderCore):
             for piece, checksum, payload in checked:
                 if record.result is not None:
                     return  # the receiver ended it: stop pushing
-                conn.send(_frame(DATA, tid, dst.region, offset=piece.dst_offset, src_offset=piece.src_offset, length=piece.length,
-                                 checksum=checksum) + [payload])
+                conn.send(_frame(DATA, tid, dst.region, offset=piece.dst_offset, src_offset=piece.src_offset,
+                                 length=piece.length, checksum=checksum) + [payload])
             conn.send(_frame(END, tid, dst.region, flags=FLAG_FINAL if final else 0))
         except PeerGone as exc:
-            self._peer_lost(record.peer or "", f"transfer {tid!r}: connection to receiver lost ({exc})")
-            self._fail(record, f"transfer {tid!r}: connection to receiver lost ({exc})")
+            self._lost(record, exc)
 
-    def _send_cancel(self, record: TransferRecord) -> None:
-        with self._conns_lock:
-            known = self._conns.get(str(record.peer))
-        if known is not None:
-            try:
-                known[0].send(_frame(CANCEL, record.transfer_id))
-            except PeerGone:
-                pass
+    def _send_cancel_on(self, conn: Conn, transfer_id: str) -> None:
+        conn.send(_frame(CANCEL, transfer_id))
 
-    def _read_verdicts(self, conn: Conn, key: str) -> None:
-        stopping = self._stopping.is_set
+    def _recv_verdict(self, conn: Conn, stopping: Callable[[], bool], key: str) -> Verdict:
         header = memoryview(bytearray(FRAME.size))
-        try:
-            while True:
-                conn.recv_exact(header, stopping)
-                magic, kind, status, _, tid_len, text_len, _, _, length, _ = FRAME.unpack(header)
-                if magic != MAGIC or kind != RESULT or status not in _CODE_STATUS:
-                    raise PeerGone(f"bad frame (magic {magic!r}, kind {kind}) from receiver {key}")
-                transfer_id = conn.recv_bytes(tid_len, stopping).decode("utf-8", "replace")
-                error = conn.recv_bytes(text_len, stopping).decode("utf-8", "replace") or None
-                self._verdict(transfer_id, _CODE_STATUS[status], length, error)
-        except PeerGone as exc:
-            with self._conns_lock:
-                current = self._conns.get(key)
-            if current is None or current[0] is conn:  # a newer connection's transfers are not ours
-                self._peer_lost(key, f"connection to receiver {key} lost ({exc})")
-        finally:
-            conn.close()
-
-    def close(self) -> None:
-        self._stopping.set()
-        with self._conns_lock:
-            conns = list(self._conns.values())
-            self._conns.clear()
-        for conn, thread in conns:
-            conn.close()
-            thread.join(timeout=2)
-        super().close()
+        conn.recv_exact(header, stopping)
+        magic, kind, status, _, tid_len, text_len, _, _, length, _ = FRAME.unpack(header)
+        if magic != MAGIC or kind != RESULT or status not in _CODE_STATUS:
+            raise PeerGone(f"bad frame (magic {magic!r}, kind {kind}) from receiver {key}")
+        transfer_id = conn.recv_bytes(tid_len, stopping).decode("utf-8", "replace")
+        error = conn.recv_bytes(text_len, stopping).decode("utf-8", "replace") or None
+        return transfer_id, _CODE_STATUS[status], length, error
