@@ -58,3 +58,23 @@ def test_importing_the_nixl_adapter_imports_neither_nixl_nor_torch() -> None:
     code = "import sys, hetpd.transfer.nixl; print('nixl' in sys.modules, 'torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "False False", done.stderr
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("backend", ["inproc", "tcp", "shm"])
+def test_without_checksums_bytes_still_land(backend: str) -> None:
+    """verify=False (benchmarks only) on both sides skips hashing, not copying."""
+    import os
+
+    from hetpd.transfer import Span
+
+    receiver = make_receiver(backend, verify=False)
+    options = {"receiver": receiver} if backend == "inproc" else {}
+    with receiver, make_sender(backend, verify=False, piece_bytes=1000, **options) as sender:
+        region, source = bytearray(10_000), bytearray(os.urandom(10_000))
+        dst = receiver.register_region("kv", region)
+        sender.register_region("src", source)
+        receiver.expect("n", "kv")
+        sender.post("n", "src", dst, [Span(0, 5000, 5000), Span(7000, 0, 3000)], final=True)
+        assert receiver.wait("n", 5).ok
+        assert region[5000:] == source[:5000] and region[:3000] == source[7000:]

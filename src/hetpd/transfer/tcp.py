@@ -122,7 +122,8 @@ class TcpReceiver(ReceiverCore):
                 with record.write_lock:  # one read at a time: a cancel waits at most one read
                     if record.result is not None:
                         break
-                    window = dst[pos : pos + min(CHUNK_BYTES, piece.length - pos)]
+                    # Reads of one L2-sized chunk when hashing (hashed while hot), else all at once.
+                    window = dst[pos : pos + min(CHUNK_BYTES, piece.length - pos)] if self._verify else dst[pos:]
                     got = conn.recv_into(window, stopping)
                     if self._verify:
                         hasher.update(window[:got])
