@@ -2,9 +2,12 @@
 
 Payload moves in *pieces* of at most ``PIECE_BYTES``; each piece has its own checksum, so a
 mismatch names a small span and a streaming sender never hashes more than one piece ahead.
-Copies run in ``CHUNK_BYTES`` chunks (well under the 2 MiB L2 of the machines we measured),
-each hashed straight after it was written, while it is still in L2: one pass over memory
-instead of a copy pass plus a hash pass.
+Copies run in ``CHUNK_BYTES`` chunks (half the 2 MiB L2 of the machines we measured), each
+hashed straight after it was written, while it is still in L2: one pass over memory instead
+of a copy pass plus a hash pass. Measured (EPYC, 2 cores, 256 MiB, source in /dev/shm): 1 MiB
+chunks copy+hash at ~9.6 GB/s against ~12.5 GB/s for the bare copy; 256 KiB chunks only
+~5.9 GB/s, because small copies out of a 4 KiB-page shm mapping run at half the speed of
+large ones (the large ones use non-temporal stores).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import xxhash
 from hetpd.transfer.base import Span
 
 PIECE_BYTES = 4 << 20
-CHUNK_BYTES = 256 << 10
+CHUNK_BYTES = 1 << 20
 
 
 def digest(view: memoryview) -> int:
