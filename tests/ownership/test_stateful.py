@@ -425,7 +425,7 @@ class OwnershipMachine(RuleBasedStateMachine):
 
 
 OwnershipMachine.TestCase.settings = settings(
-    max_examples=400,
+    max_examples=1000,
     stateful_step_count=80,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
