@@ -12,6 +12,9 @@ Sections (``SECTIONS``; each is one function, add the KV conversion-cost section
   receive sizes as the transport: measured here, they beat one huge sendall / recv_into),
   timed to a one-byte ack.
 
+* **conversion** (``kv_conversion.py``): each KV representation conversion through bytes
+  (unpack, convert, pack) in GB/s of producer bytes, beside a plain copy of the same bytes.
+
 Each transport runs with checksums (the default) and without (``verify=False`` on both sides).
 For every size the variants are interleaved (raw, transport, transport without checksum, the
 order rotating each repeat) and repeated; we report medians of throughput and the median of
@@ -47,6 +50,8 @@ from hetpd.transfer import RegionDescriptor, Span, TransferSender, make_receiver
 from hetpd.transfer.checksum import CHUNK_BYTES
 from hetpd.transfer.net import tune
 from hetpd.transfer.tcp import TCP_PIECE_BYTES
+
+import kv_conversion  # noqa: E402  (benchmarks/ is on sys.path when this script runs)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MIB = 1 << 20
@@ -277,13 +282,13 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[Row], path: Path) -> None:
+def plot(rows: list[Row], conversions: list[kv_conversion.ConversionResult], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
     for ax, section in zip(axes, ("shm", "tcp")):
         mine = [r for r in rows if r.section == section]
         sizes = [r.size_mib for r in mine]
@@ -296,6 +301,15 @@ def plot(rows: list[Row], path: Path) -> None:
         ax.set_title(f"{section}: transport vs raw")
         ax.grid(alpha=0.3)
         ax.legend()
+    ax = axes[2]
+    labels = [f"{c.source} -> {c.target}" for c in conversions]
+    ax.barh(labels, [c.convert_gbps for c in conversions], label="conversion")
+    ax.axvline(statistics.median(c.copy_gbps for c in conversions), color="k", ls="--", label="plain copy (median)")
+    ax.set_xscale("log")
+    ax.set_xlabel("GB/s of producer bytes (median)")
+    ax.set_title("KV conversion cost")
+    ax.invert_yaxis()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -321,10 +335,14 @@ def main() -> None:
             rows.extend(section(ctx))
     finally:
         peer.close()
+    log("conversion section")
+    conversions = kv_conversion.measure(repeats, args.quick)
     print(table(rows))
+    print("\n" + kv_conversion.table(conversions))
     RESULTS_DIR.mkdir(exist_ok=True)
     (RESULTS_DIR / "kv_transfer.txt").write_text(
-        f"load average before {load_before}, after {os.getloadavg()}\n" + table(rows) + "\n")
+        f"load average before {load_before}, after {os.getloadavg()}\n" + table(rows) + "\n\n"
+        + kv_conversion.table(conversions) + "\n")
     report = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
@@ -332,9 +350,10 @@ def main() -> None:
         "load_average_after": os.getloadavg(),
         "targets": {"ratio_at_16mib_plus": TARGET_RATIO, "checksum_overhead": TARGET_CHECKSUM_OVERHEAD},
         "rows": [asdict(r) for r in rows],
+        "conversions": [asdict(c) | {"copies": c.copies} for c in conversions],
     }
     (RESULTS_DIR / "kv_transfer.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(rows, RESULTS_DIR / "kv_transfer.png")
+    plot(rows, conversions, RESULTS_DIR / "kv_transfer.png")
     log(f"wrote {RESULTS_DIR / 'kv_transfer.json'} and kv_transfer.png")
 
 

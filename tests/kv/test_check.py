@@ -101,9 +101,8 @@ def test_a_forced_wire_format_converts_on_both_sides() -> None:
 def test_the_documented_verdict_table_is_what_the_code_says() -> None:
     from pathlib import Path
 
-    from hetpd.kv.table import render
+    from hetpd.kv.table import END, START, render
 
     doc = (Path(__file__).parents[2] / "docs" / "kv-boundary.md").read_text()
-    start, end = "<!-- verdict-table:start -->\n", "\n<!-- verdict-table:end -->"
-    assert doc[doc.index(start) + len(start):doc.index(end)] == render(), \
-        "docs/kv-boundary.md is stale: regenerate its table with `python -m hetpd.kv.table`"
+    assert doc[doc.index(START) + len(START):doc.index(END)] == render(), \
+        "docs/kv-boundary.md is stale: run `python -m hetpd.kv.table --update docs/kv-boundary.md`"

@@ -11,7 +11,7 @@ from kv_formats import ENCODINGS, kv_values, within_bound
 from hetpd.kv.codec import KVCodec, canonical_kv_dtype, codec_for
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     encoding=st.sampled_from(sorted(ENCODINGS)),
     tokens=st.integers(1, 20),

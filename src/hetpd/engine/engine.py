@@ -71,6 +71,13 @@ class StepResult:
 
 
 @dataclass(frozen=True)
+class Reservation:
+    accepted: bool
+    blocks: tuple[int, ...]
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class ImportResult:
     accepted: bool
     reason: str = ""
@@ -97,7 +104,8 @@ class Engine:
         self.max_model_len = max_model_len
         self.device = runner.device
         self._requests: dict[str, _Request] = {}
-        self._held: dict[str, tuple[_Request, list[int]]] = {}
+        self._held: dict[str, tuple[_Request, list[int]]] = {}  # prefill side: pages kept for a handoff
+        self._reserved: dict[str, list[int]] = {}  # decode side: pages set aside for KV on its way
         self._generator = torch.Generator(device=self.device).manual_seed(config.seed)
         eos = set(model_config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -148,7 +156,7 @@ class Engine:
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
     ) -> None:
         """Queue a request; raises ValueError (naming the field) before touching any state."""
-        if request_id in self._requests or request_id in self._held:
+        if request_id in self._requests or request_id in self._held or request_id in self._reserved:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self._validate_tokens(prompt_token_ids, params)
         # A prefill engine only ever computes the prompt and samples one token; budgeting its
@@ -162,9 +170,11 @@ class Engine:
         return self.scheduler.has_work
 
     def abort(self, request_id: str) -> bool:
-        """Drop a queued, running or held request and free its pages. False if unknown."""
+        """Drop a queued, running, held or reserved request and free its pages. False if unknown."""
         if request_id in self._held:
             self.release_kv(request_id)
+            return True
+        if self.cancel_reservation(request_id):
             return True
         request = self._requests.pop(request_id, None)
         if request is None:
@@ -207,6 +217,12 @@ class Engine:
     def held_request_ids(self) -> list[str]:
         return list(self._held)
 
+    def held_blocks(self, request_id: str) -> tuple[int, ...]:
+        """The pages a handed-off request holds (its KV, until release_kv)."""
+        if request_id not in self._held:
+            raise KeyError(f"request {request_id!r} holds no pages on this engine")
+        return tuple(self._held[request_id][1])
+
     def export_kv(self, request_id: str, wire: KVFormat | None = None) -> RuntimeKVState:
         """Copy a held request's prompt KV out as bytes, in ``wire`` format (default: this engine's).
 
@@ -235,37 +251,63 @@ class Engine:
     # ------------------------------------------------------------------ decode side
     def import_kv(self, export: RuntimeKVState, params: SamplingParams, request_id: str | None = None) -> ImportResult:
         """Reserve pages for a request's KV, write it (converted to this engine's format) and
-        continue generation. Refuses (nothing changed) when pages or sequence slots are short.
+        continue generation: :meth:`reserve_kv` then :meth:`commit_kv` in one call. Refuses
+        (nothing changed) when pages or sequence slots are short.
 
         Raises :class:`IncompatibleKVError` naming the fields when the representation check
         says the bytes cannot be used here, and ``ValueError`` for a malformed state."""
         request_id = request_id or export.request_id
-        problems = export.problems()
-        if problems:
-            raise ValueError("malformed KV state: " + "; ".join(problems))
-        mine = self.kv_format
-        verdict = check(export.format, mine)
-        if not verdict.usable:
-            raise IncompatibleKVError("KV from the producer cannot be used here: " + verdict.explain())
-        if verdict.heads != (0, mine.model.num_kv_heads) or export.layer_start != 0 \
-                or export.layer_end != mine.model.num_layers or export.token_start != 0:
-            raise ValueError(f"this engine imports a whole request (all {mine.model.num_kv_heads} kv heads, all layers, "
-                             f"tokens from 0); got heads {verdict.heads}, layers [{export.layer_start}, "
-                             f"{export.layer_end}), tokens from {export.token_start}: merge shards or chunks first")
-        if request_id in self._requests or request_id in self._held:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        if len(export.token_ids) != export.num_tokens + 1:
-            raise ValueError(f"export carries {len(export.token_ids)} token ids, expected num_tokens + 1")
-        self._validate_tokens(list(export.token_ids[:-1]), params)
-        needed = self.allocator.blocks_for_tokens(export.num_tokens)
-        if not self.scheduler.can_add_running():
-            return ImportResult(False, f"decode engine is running its maximum of {self.config.max_num_seqs} sequences")
-        if needed > self.allocator.num_available():
-            return ImportResult(False, f"needs {needed} KV pages, {self.allocator.num_available()} free")
+        self._check_import(export, params, request_id)
+        reservation = self.reserve_kv(request_id, export.num_tokens)
+        if not reservation.accepted:
+            return ImportResult(False, reservation.reason)
+        return self.commit_kv(export, params, request_id)
 
+    def reserve_kv(self, request_id: str, num_tokens: int) -> Reservation:
+        """Set pages and a sequence slot aside for a request whose KV is about to arrive.
+
+        The pages belong to the reservation until :meth:`commit_kv` adopts them or
+        :meth:`cancel_reservation` frees them; nothing else can take them meanwhile."""
+        if request_id in self._requests or request_id in self._held or request_id in self._reserved:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if num_tokens < 1 or num_tokens >= self.max_model_len:
+            raise ValueError(f"num_tokens {num_tokens} must be in [1, max_model_len {self.max_model_len})")
+        if len(self.scheduler.running) + len(self._reserved) >= self.config.max_num_seqs:
+            return Reservation(False, (), f"decode engine holds its maximum of {self.config.max_num_seqs} sequences")
+        needed = self.allocator.blocks_for_tokens(num_tokens)
+        if needed > self.allocator.num_available():
+            return Reservation(False, (), f"needs {needed} KV pages, {self.allocator.num_available()} free")
+        blocks = tuple(self.allocator.allocate(needed))
+        self._reserved[request_id] = list(blocks)
+        return Reservation(True, blocks)
+
+    def cancel_reservation(self, request_id: str) -> bool:
+        """Free a reservation's pages (the transfer failed or was aborted). False if unknown."""
+        blocks = self._reserved.pop(request_id, None)
+        if blocks is None:
+            return False
+        self.allocator.free(blocks)
+        return True
+
+    def reserved_request_ids(self) -> list[str]:
+        return list(self._reserved)
+
+    def commit_kv(self, export: RuntimeKVState, params: SamplingParams, request_id: str | None = None) -> ImportResult:
+        """Write a reserved request's KV into its pages (converting) and start decoding it.
+
+        On an error (incompatible or malformed KV) the reservation is left as it was, for the
+        caller to cancel: pages change hands only through this call or cancel_reservation."""
+        request_id = request_id or export.request_id
+        if request_id not in self._reserved:
+            raise ValueError(f"request {request_id!r} has no reservation; call reserve_kv first")
+        self._check_import(export, params, request_id, reserved=True)
+        blocks = self._reserved[request_id]
+        if len(blocks) < self.allocator.blocks_for_tokens(export.num_tokens):
+            raise ValueError(f"reservation of {len(blocks)} pages is too small for {export.num_tokens} tokens")
+        mine = self.kv_format
         encoded, _ = convert(unpack(export.payload, export.format, export.num_tokens), export.format, mine)
-        blocks = self.allocator.allocate(needed)
         self.kv_cache.write_tokens(self.kv_cache.slots_of(blocks, export.num_tokens), encoded.codes, encoded.scales)
+        del self._reserved[request_id]
 
         seq = Sequence(request_id, list(export.token_ids), export.num_tokens, params.max_tokens)
         seq.num_computed_tokens = export.num_tokens
@@ -282,6 +324,25 @@ class Engine:
             del self._requests[request_id]
             return ImportResult(True, finished=self._output(request))
         return ImportResult(True)
+
+    def _check_import(self, export: RuntimeKVState, params: SamplingParams, request_id: str,
+                      reserved: bool = False) -> None:
+        """Everything that must hold before KV is written here; raises naming what does not."""
+        problems = export.problems()
+        if problems:
+            raise ValueError("malformed KV state: " + "; ".join(problems))
+        mine = self.kv_format
+        verdict = check(export.format, mine)
+        if not verdict.usable:
+            raise IncompatibleKVError("KV from the producer cannot be used here: " + verdict.explain())
+        if verdict.heads != (0, mine.model.num_kv_heads) or export.layer_start != 0 \
+                or export.layer_end != mine.model.num_layers or export.token_start != 0:
+            raise ValueError(f"this engine imports a whole request (all {mine.model.num_kv_heads} kv heads, all layers, "
+                             f"tokens from 0); got heads {verdict.heads}, layers [{export.layer_start}, "
+                             f"{export.layer_end}), tokens from {export.token_start}: merge shards or chunks first")
+        if request_id in self._requests or request_id in self._held or (request_id in self._reserved and not reserved):
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        self._validate_tokens(list(export.token_ids[:-1]), params)
 
     # ------------------------------------------------------------------ helpers
     def _new_request(self, request_id: str, prompt: str | None, params: SamplingParams, seq: Sequence) -> _Request:

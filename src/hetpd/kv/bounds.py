@@ -60,15 +60,18 @@ def encoding_bound(dtype: str, scheme: str, scale_dtype: str | None, zero_point:
         return ErrorBound(UNIT_ROUNDOFF[dtype], "token_head", floor)
     assert scale_dtype is not None, f"{dtype} needs a scale dtype"
     u_scale = UNIT_ROUNDOFF[scale_dtype]
+    # A float16 scale (or zero point) below 2^-14 is subnormal: it rounds by up to 2^-24 absolute,
+    # which no relative term covers for tiny vectors. bf16 and fp32 share float32's exponent range.
+    floor = 2.0**-24 if scale_dtype == "float16" else 0.0
     unit = {"per_token_head": "token_head", "per_tensor": "tensor", "per_group": "group"}[scheme]
     if dtype == "fp8_e4m3":
         # Normal range: relative 2^-4 of |x| <= absmax. Subnormals err by <= 2^-10 * scale, far less.
-        return ErrorBound(UNIT_ROUNDOFF["fp8_e4m3"] + _FP32_ARITHMETIC, unit)
+        return ErrorBound(UNIT_ROUNDOFF["fp8_e4m3"] + _FP32_ARITHMETIC, unit, floor)
     if dtype == "int4" and zero_point:
         # scale = (max - zero) / 15 <= 2 absmax (1 + u) / 15 (1 + 2u); error <= scale / 2.
-        return ErrorBound(1.0 / 15.0 * (1 + 4 * u_scale) + _FP32_ARITHMETIC, unit)
+        return ErrorBound(1.0 / 15.0 * (1 + 4 * u_scale) + _FP32_ARITHMETIC, unit, floor)
     # Symmetric: scale = absmax / qmax, rounded up by <= 2u; error <= scale / 2.
-    return ErrorBound(0.5 / QMAX[dtype] * (1 + 2 * u_scale) + _FP32_ARITHMETIC, unit)
+    return ErrorBound(0.5 / QMAX[dtype] * (1 + 2 * u_scale) + _FP32_ARITHMETIC, unit, floor)
 
 
 def dequantise_exactly(dtype: str, scale_dtype: str | None, zero_point: bool, target: str) -> bool:

@@ -90,6 +90,8 @@ class KVCodec:
             absmax = units.abs().amax(dim=-1).clamp_min(_MIN_SCALE)
             scale = _round_up(absmax / QMAX[self.dtype], self.scale_torch_dtype)
             codes, zero = self._quantise_symmetric(units / scale.float().unsqueeze(-1)), None
+        if not bool(torch.isfinite(scale).all()) or (zero is not None and not bool(torch.isfinite(zero).all())):
+            raise ValueError(f"KV values overflow {self.quant.scale_dtype} scales: use float32 or bfloat16 scale_dtype")
         codes = self._from_units(codes, x.shape)
         return Encoded(_pack_int4(codes) if self.dtype == "int4" else codes, self._unit_shape(scale, x.shape),
                        None if zero is None else self._unit_shape(zero, x.shape))

@@ -38,7 +38,7 @@ def convert(encoded: Encoded, source: KVFormat, target: KVFormat) -> tuple[Encod
     return codec_of(target).encode(values), out_format
 
 
-def convert_payload(payload: Buffer, source: KVFormat, target: KVFormat, num_tokens: int) -> tuple[bytes, KVFormat]:
+def convert_payload(payload: Buffer, source: KVFormat, target: KVFormat, num_tokens: int) -> tuple[bytearray, KVFormat]:
     """Bytes in ``source`` format -> bytes in ``target`` format (narrowed to the shared heads)."""
     encoded, out_format = convert(unpack(payload, source, num_tokens), source, target)
     return pack(encoded, out_format), out_format

@@ -3,15 +3,18 @@
 Tensors are token-major and layout-free: codes ``[layers, 2, T, heads, dim']`` (``dim'`` is
 ``dim // 2`` for int4) with scales/zeros shaped as :mod:`hetpd.kv.codec` says. The payload
 is the byte layout the format's docstring defines; :func:`pack` and :func:`unpack` are exact
-inverses for the first ``T`` tokens (page padding is zero-filled and ignored on the way back).
+inverses for the first ``T`` tokens (page padding is zero and ignored on the way back).
+
+Both directions work through strided *views* of the payload in token-major index order, so
+packing is one copy into a fresh buffer and unpacking copies nothing it does not have to.
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from hetpd.kv.codec import Encoded, KVCodec
 from hetpd.kv.format import IncompatibleKVError, KVFormat
@@ -23,24 +26,30 @@ def codec_of(fmt: KVFormat) -> KVCodec:
     return KVCodec(fmt.dtype, fmt.quant)
 
 
-def pack(encoded: Encoded, fmt: KVFormat) -> bytes:
+class _Segments(NamedTuple):
+    """Byte views ``[L, units, unit_bytes]`` of one payload's elements, scales and zeros."""
+
+    elems: torch.Tensor
+    scales: torch.Tensor | None
+    zeros: torch.Tensor | None
+
+
+def pack(encoded: Encoded, fmt: KVFormat) -> bytearray:
     """Lay ``encoded`` (``num_tokens`` = its T axis) out as ``fmt`` payload bytes."""
-    codes = encoded.codes
-    num_layers, num_tokens = codes.shape[0], codes.shape[2]
-    parts = [_unit_bytes(codes, fmt, num_tokens)]
-    for extra in (encoded.scales, encoded.zeros):
-        if extra is None:
+    num_layers, num_tokens = encoded.codes.shape[0], encoded.codes.shape[2]
+    out = bytearray(fmt.payload_bytes(num_tokens, num_layers))  # zero-filled: page padding for free
+    segments = _segments(torch.frombuffer(out, dtype=torch.uint8).view(num_layers, -1), fmt, num_tokens)
+    codec = codec_of(fmt)
+    _store(_paged(segments.elems, fmt, codec.storage_dtype, num_tokens), encoded.codes, fmt.page_size)
+    for segment, values in ((segments.scales, encoded.scales), (segments.zeros, encoded.zeros)):
+        if segment is None or values is None:
             continue
         if fmt.quant.scheme == "per_tensor":
-            parts.append(_bytes(extra.reshape(num_layers, 2)).reshape(num_layers, 1, -1))
+            segment.view(num_layers, -1).copy_(values.reshape(num_layers, 2).to(codec.scale_torch_dtype).view(torch.uint8)
+                                               .reshape(num_layers, -1))
         else:
-            parts.append(_unit_bytes(extra if extra.dim() == 5 else extra.unsqueeze(-1), fmt, num_tokens))
-    if fmt.quant.scale_location == "inline" and len(parts) > 1:
-        layers = torch.cat(parts, dim=2).flatten(1)
-    else:
-        layers = torch.cat([p.flatten(1) for p in parts], dim=1)
-    out = layers.contiguous().numpy().tobytes()
-    assert len(out) == fmt.payload_bytes(num_tokens, num_layers), "pack disagrees with KVFormat.layer_bytes"
+            per_token = values if values.dim() == 5 else values.unsqueeze(-1)
+            _store(_paged(segment, fmt, codec.scale_torch_dtype, num_tokens), per_token, fmt.page_size)
     return out
 
 
@@ -55,82 +64,84 @@ def unpack(payload: Buffer, fmt: KVFormat, num_tokens: int) -> Encoded:
     with warnings.catch_warnings():  # read-only buffers are fine: nothing writes into these views
         warnings.simplefilter("ignore", UserWarning)
         raw = torch.frombuffer(payload, dtype=torch.uint8).view(num_layers, layer_bytes)
+    segments = _segments(raw, fmt, num_tokens)
     codec = codec_of(fmt)
-    pages = fmt.num_pages(num_tokens)
-    units = 2 * pages if fmt.kv_split else pages
-    dim = codec.storage_dim(fmt.model.head_dim)
-    elem_unit = _elem_unit_bytes(fmt, codec, dim)
-    scale_unit = 0
-    if fmt.quant.scheme not in ("none", "per_tensor"):
-        scale_unit = (1 if fmt.kv_split else 2) * fmt.page_size * fmt.num_heads * \
-            fmt.scales_per_unit_token_head() * codec.scale_torch_dtype.itemsize
-    if fmt.quant.scale_location == "inline" and scale_unit:
-        per_unit = elem_unit + scale_unit * (2 if fmt.quant.zero_point else 1)
-        grid = raw.view(num_layers, units, per_unit)
-        elems, scale_bytes = grid[:, :, :elem_unit], grid[:, :, elem_unit:elem_unit + scale_unit]
-        zero_bytes = grid[:, :, elem_unit + scale_unit:] if fmt.quant.zero_point else None
-    else:
-        elems = raw[:, : units * elem_unit]
-        rest = raw[:, units * elem_unit:]
-        half = rest.shape[1] // 2 if fmt.quant.zero_point else rest.shape[1]
-        scale_bytes, zero_bytes = rest[:, :half], (rest[:, half:] if fmt.quant.zero_point else None)
-    codes = _from_unit_bytes(elems, fmt, codec.storage_dtype, dim, num_tokens)
-    if not codec.quantized:
-        return Encoded(codes, None, None)
-    return Encoded(codes, _scales_from_bytes(scale_bytes, fmt, codec, num_tokens),
-                   None if zero_bytes is None else _scales_from_bytes(zero_bytes, fmt, codec, num_tokens))
+    codes = _tokens(_paged(segments.elems, fmt, codec.storage_dtype, num_tokens), num_tokens)
+    extras: list[torch.Tensor | None] = []
+    for segment in (segments.scales, segments.zeros):
+        if segment is None:
+            extras.append(None)
+        elif fmt.quant.scheme == "per_tensor":
+            extras.append(_typed(segment.reshape(num_layers, -1), codec.scale_torch_dtype).reshape(num_layers, 2))
+        else:
+            values = _tokens(_paged(segment, fmt, codec.scale_torch_dtype, num_tokens), num_tokens)
+            extras.append(values if fmt.quant.scheme == "per_group" else values.squeeze(-1))
+    return Encoded(codes, extras[0], extras[1])
 
 
 # ---------------------------------------------------------------------- helpers
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8)
+def _segments(raw: torch.Tensor, fmt: KVFormat, num_tokens: int) -> _Segments:
+    """Split ``[L, layer_bytes]`` into the byte views of elements, scales and zeros."""
+    num_layers = raw.shape[0]
+    codec = codec_of(fmt)
+    pages = fmt.num_pages(num_tokens)
+    units = 2 * pages if fmt.kv_split else pages
+    kv_per_unit = 1 if fmt.kv_split else 2
+    slots_per_unit = kv_per_unit * fmt.page_size * fmt.num_heads
+    elem_unit = slots_per_unit * codec.storage_dim(fmt.model.head_dim) * codec.storage_dtype.itemsize
+    if not codec.quantized:
+        return _Segments(raw.view(num_layers, units, elem_unit), None, None)
+    zero = fmt.quant.zero_point
+    if fmt.quant.scheme == "per_tensor":
+        scale_unit, units_with_scales = 2 * codec.scale_torch_dtype.itemsize, 1
+    else:
+        scale_unit = slots_per_unit * fmt.scales_per_unit_token_head() * codec.scale_torch_dtype.itemsize
+        units_with_scales = units
+    if fmt.quant.scale_location == "inline":
+        grid = raw.view(num_layers, units, -1)
+        return _Segments(grid[:, :, :elem_unit], grid[:, :, elem_unit:elem_unit + scale_unit],
+                         grid[:, :, elem_unit + scale_unit:] if zero else None)
+    scale_start = units * elem_unit
+    zero_start = scale_start + units_with_scales * scale_unit
+    elems = raw[:, :scale_start].view(num_layers, units, elem_unit)
+    scales = raw[:, scale_start:zero_start].view(num_layers, units_with_scales, scale_unit)
+    zeros = raw[:, zero_start:].view(num_layers, units_with_scales, scale_unit) if zero else None
+    return _Segments(elems, scales, zeros)
 
 
-def _to_pages(t: torch.Tensor, fmt: KVFormat, num_tokens: int) -> torch.Tensor:
-    """[L, 2, T, H, X] -> per-unit order: [L, 2, P, page(,H swapped), X] or joint [L, P, 2, ...]."""
-    pad = fmt.num_pages(num_tokens) * fmt.page_size - num_tokens
-    if pad:
-        t = F.pad(t, (0, 0, 0, 0, 0, pad))
-    t = t.reshape(*t.shape[:2], -1, fmt.page_size, *t.shape[3:])  # [L, 2, P, page, H, X]
-    if fmt.layout == "HND":
-        t = t.transpose(3, 4)
-    if not fmt.kv_split:
-        t = t.transpose(1, 2)
-    return t
+def _typed(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Reinterpret bytes (last axis) as ``dtype``; copies only when the bytes are misaligned for it."""
+    try:
+        return raw.view(dtype)
+    except RuntimeError:  # a view needs aligned offsets and strides
+        return raw.contiguous().view(dtype)
 
 
-def _unit_bytes(t: torch.Tensor, fmt: KVFormat, num_tokens: int) -> torch.Tensor:
-    """Per-token tensor -> [L, units, bytes per unit]."""
-    paged = _to_pages(t, fmt, num_tokens).contiguous()
-    units = paged.shape[1] * paged.shape[2] if fmt.kv_split else paged.shape[1]
-    return _bytes(paged).reshape(paged.shape[0], units, -1)
-
-
-def _elem_unit_bytes(fmt: KVFormat, codec: KVCodec, dim: int) -> int:
-    per_page = fmt.page_size * fmt.num_heads * dim * codec.storage_dtype.itemsize
-    return per_page if fmt.kv_split else 2 * per_page
-
-
-def _from_pages(t: torch.Tensor, fmt: KVFormat, num_tokens: int) -> torch.Tensor:
-    """Inverse of :func:`_to_pages`: -> [L, 2, T, H, X]."""
-    if not fmt.kv_split:
-        t = t.transpose(1, 2)
-    if fmt.layout == "HND":
-        t = t.transpose(3, 4)
-    return t.flatten(2, 3)[:, :, :num_tokens]
-
-
-def _from_unit_bytes(raw: torch.Tensor, fmt: KVFormat, dtype: torch.dtype, last: int, num_tokens: int) -> torch.Tensor:
-    num_layers, pages = raw.shape[0], fmt.num_pages(num_tokens)
-    typed = raw.contiguous().view(dtype)
+def _paged(unit_bytes: torch.Tensor, fmt: KVFormat, dtype: torch.dtype, num_tokens: int) -> torch.Tensor:
+    """Byte units -> a typed view in token-major index order ``[L, 2, pages, page_size, heads, X]``."""
+    num_layers, pages = unit_bytes.shape[0], fmt.num_pages(num_tokens)
+    typed = _typed(unit_bytes, dtype)
     inner = (fmt.num_heads, fmt.page_size) if fmt.layout == "HND" else (fmt.page_size, fmt.num_heads)
     outer = (2, pages) if fmt.kv_split else (pages, 2)
-    return _from_pages(typed.reshape(num_layers, *outer, *inner, last), fmt, num_tokens)
+    view = typed.reshape(num_layers, *outer, *inner, -1)
+    if not fmt.kv_split:
+        view = view.transpose(1, 2)
+    return view.transpose(3, 4) if fmt.layout == "HND" else view
 
 
-def _scales_from_bytes(raw: torch.Tensor, fmt: KVFormat, codec: KVCodec, num_tokens: int) -> torch.Tensor:
-    if fmt.quant.scheme == "per_tensor":
-        return raw.contiguous().view(codec.scale_torch_dtype).reshape(raw.shape[0], 2)
-    groups = fmt.scales_per_unit_token_head()
-    scales = _from_unit_bytes(raw, fmt, codec.scale_torch_dtype, groups, num_tokens)
-    return scales if fmt.quant.scheme == "per_group" else scales.squeeze(-1)
+def _store(paged: torch.Tensor, tokens: torch.Tensor, page_size: int) -> None:
+    """Copy token-major ``[L, 2, T, heads, X]`` into a paged view (full pages, then the partial one)."""
+    num_tokens = tokens.shape[2]
+    full = num_tokens // page_size
+    tokens = tokens.to(paged.dtype)
+    if full:
+        paged[:, :, :full].copy_(tokens[:, :, :full * page_size].reshape(*tokens.shape[:2], full, page_size,
+                                                                         *tokens.shape[3:]))
+    rest = num_tokens - full * page_size
+    if rest:
+        paged[:, :, full, :rest].copy_(tokens[:, :, full * page_size:])
+
+
+def _tokens(paged: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """A paged view -> token-major ``[L, 2, T, heads, X]`` (a view when the layout allows)."""
+    return paged.flatten(2, 3)[:, :, :num_tokens]

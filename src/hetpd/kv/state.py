@@ -7,8 +7,10 @@ representation check reads ``format``; the ownership layer tracks ``owner``.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from enum import Enum
+from typing import Any
 
 from hetpd.kv.format import KVFormat
 
@@ -89,3 +91,38 @@ class RuntimeKVState:
         """The state after the bytes changed place or hands (``payload`` when they were copied)."""
         return replace(self, residency=residency, location=location, owner=owner,
                        payload=self.payload if payload is None else payload)
+
+    # ------------------------------------------------------------------ manifest (everything but the bytes)
+    def manifest(self) -> str:
+        """JSON of everything but the payload: what a consumer needs before the bytes arrive."""
+        return json.dumps({
+            "request_id": self.request_id, "format": json.loads(self.format.to_json()),
+            "token_start": self.token_start, "token_end": self.token_end, "layer_start": self.layer_start,
+            "layer_end": self.layer_end, "token_ids": list(self.token_ids),
+            "first_token_logprob": self.first_token_logprob, "nbytes": len(self.payload),
+        })
+
+    @classmethod
+    def from_manifest(cls, text: str, payload: Buffer, *, residency: Residency, location: str, owner: str) -> RuntimeKVState:
+        """Rebuild a state from :meth:`manifest` and the bytes that arrived; ValueError names a bad field."""
+        raw: dict[str, Any] = json.loads(text)
+        try:
+            state = cls(
+                request_id=str(raw["request_id"]), format=KVFormat.from_json(json.dumps(raw["format"])),
+                token_start=int(raw["token_start"]), token_end=int(raw["token_end"]),
+                layer_start=int(raw["layer_start"]), layer_end=int(raw["layer_end"]), payload=payload,
+                residency=residency, location=location, owner=owner,
+                token_ids=tuple(int(t) for t in raw["token_ids"]),
+                first_token_logprob=None if raw["first_token_logprob"] is None else float(raw["first_token_logprob"]),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"KV manifest lacks or mistypes a field: {exc}") from None
+        return state
+
+
+def manifest_nbytes(text: str) -> int:
+    """Payload size a manifest announces (what the consumer stages for)."""
+    value = json.loads(text).get("nbytes")
+    if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"KV manifest 'nbytes' must be a positive integer, got {value!r}")
+    return value

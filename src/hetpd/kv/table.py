@@ -1,6 +1,6 @@
 """The verdict table of ``docs/kv-boundary.md``, generated from ``check`` and ``plan_handoff``. Pure Python.
 
-``python -m hetpd.kv.table`` prints it; a test keeps the document in step with the code.
+``python -m hetpd.kv.table`` prints it, ``--update docs/kv-boundary.md`` rewrites the document's\ngenerated section; a test keeps the two in step.
 """
 
 from __future__ import annotations
@@ -73,5 +73,22 @@ def render() -> str:
     ])
 
 
+START, END = "<!-- verdict-table:start -->\n", "\n<!-- verdict-table:end -->"
+
+
+def update(path: str) -> None:
+    """Rewrite the generated section of a document in place."""
+    with open(path) as f:
+        doc = f.read()
+    head, tail = doc[: doc.index(START) + len(START)], doc[doc.index(END):]
+    with open(path, "w") as f:
+        f.write(head + render() + tail)
+
+
 if __name__ == "__main__":
-    print(render())
+    import sys
+
+    if sys.argv[1:2] == ["--update"]:
+        update(sys.argv[2])
+    else:
+        print(render())

@@ -120,6 +120,7 @@ class StartTransfer:
     direction: Literal["send", "receive"]
     block_ids: tuple[int, ...]  # this side's pages
     peer_block_ids: tuple[int, ...]  # the other side's pages, where known (producer: the reservation)
+    peer_meta: str = ""  # the consumer's Reserved.meta, for the producer's send
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,7 @@ class Ended:
     state: LeaseState
     failure: FailureKind | None
     detail: str
+    request_id: str = ""
 
 
 Effect = Union[Send, Admit, HoldBlocks, StartTransfer, CancelTransfer, FreeBlocks, AdoptBlocks, Ended]

@@ -153,7 +153,7 @@ class _Lease:
         if failure is not None and tell:
             self.notice = notice_for(self.key, failure, detail)
             effects.append(Send(self.notice))
-        effects.append(Ended(self.key, self.side, state, failure, detail))
+        effects.append(Ended(self.key, self.side, state, failure, detail, self.request_id))
         return effects
 
     def _fail(self, failure: FailureKind, detail: str, now: float, *, tell: bool) -> Step:
@@ -215,10 +215,12 @@ class ProducerLease(_Lease):
 
     side = Side.PRODUCER
 
-    def __init__(self, key: LeaseKey, request_id: str, num_blocks: int, num_bytes: int, config: LeaseConfig, now: float) -> None:
+    def __init__(self, key: LeaseKey, request_id: str, num_blocks: int, num_bytes: int, config: LeaseConfig, now: float,
+                 meta: str = "") -> None:
         super().__init__(key, request_id, LeaseState.COMPUTING, config, now)
-        self.offer = ReserveRequest(key.lease_id, key.epoch, request_id, num_blocks, num_bytes)
+        self.offer = ReserveRequest(key.lease_id, key.epoch, request_id, num_blocks, num_bytes, meta)
         self.peer_blocks: tuple[int, ...] | None = None  # the consumer's reservation, once known
+        self.peer_meta = ""  # the consumer's Reserved.meta (hetpd: where to send the bytes)
         self.send_completed = False
 
     def hold(self, block_ids: tuple[int, ...], num_bytes: int, now: float) -> Step:
@@ -241,7 +243,7 @@ class ProducerLease(_Lease):
         assert self.peer_blocks is not None
         self.state, self.in_flight, self.last_sent = LeaseState.SENDING, True, now
         return [
-            StartTransfer(self.transfer_id, self.key, "send", self.blocks, self.peer_blocks),
+            StartTransfer(self.transfer_id, self.key, "send", self.blocks, self.peer_blocks, self.peer_meta),
             Send(TransferPosted(self.key.lease_id, self.key.epoch, self.transfer_id)),
         ]
 
@@ -259,7 +261,7 @@ class ProducerLease(_Lease):
             self.renew(now)
             if self.peer_blocks is not None:
                 return duplicate("reservation already known")
-            self.peer_blocks = message.block_ids
+            self.peer_blocks, self.peer_meta = message.block_ids, message.meta
             if self.state is LeaseState.HELD:
                 return applied(*self._start_send(now))
             return applied()
@@ -317,10 +319,13 @@ class ConsumerLease(_Lease):
     def __init__(self, key: LeaseKey, request_id: str, config: LeaseConfig, now: float) -> None:
         super().__init__(key, request_id, LeaseState.RESERVED, config, now)
         self.acked = False  # the producer confirmed release (or ended): stop re-sending Committed
+        self.meta = ""  # rides along in Reserved (hetpd: where the producer should send the bytes)
 
     @classmethod
-    def reserved(cls, offer: ReserveRequest, block_ids: tuple[int, ...], num_bytes: int, config: LeaseConfig, now: float) -> tuple[ConsumerLease, Step]:
+    def reserved(cls, offer: ReserveRequest, block_ids: tuple[int, ...], num_bytes: int, config: LeaseConfig, now: float,
+                 meta: str = "") -> tuple[ConsumerLease, Step]:
         lease = cls(LeaseKey(offer.lease_id, offer.epoch), offer.request_id, config, now)
+        lease.meta = meta
         return lease, applied(lease._hold(block_ids, num_bytes), Send(lease._reserved_message()))
 
     @classmethod
@@ -333,7 +338,7 @@ class ConsumerLease(_Lease):
         return lease
 
     def _reserved_message(self) -> Reserved:
-        return Reserved(self.key.lease_id, self.key.epoch, self.blocks)
+        return Reserved(self.key.lease_id, self.key.epoch, self.blocks, self.meta)
 
     def receive(self, message: Message, now: float) -> Step:
         """A message from the producer about this attempt."""
@@ -387,7 +392,7 @@ class ConsumerLease(_Lease):
             return applied(
                 adopt,
                 Send(Committed(self.key.lease_id, self.key.epoch)),
-                Ended(self.key, self.side, LeaseState.COMMITTED, None, "bytes verified"),
+                Ended(self.key, self.side, LeaseState.COMMITTED, None, "bytes verified", self.request_id),
             )
         failure = FailureKind.CHECKSUM if outcome is TransferOutcome.CHECKSUM_FAILED else FailureKind.TRANSFER_CANCELLED
         return self._fail(failure, f"receive {outcome.value}", now, tell=True)

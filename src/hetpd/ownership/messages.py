@@ -74,6 +74,9 @@ class ReserveRequest(_Wire):
     request_id: str
     num_blocks: int  # in the producer's page size; the consumer sizes its own reservation
     num_bytes: int
+    # What the consumer needs to admit the request (hetpd sends the KV manifest: format, token
+    # range, token ids). Opaque to the lease machine, which never reads it.
+    meta: str = ""
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ class Reserved(_Wire):
     lease_id: str
     epoch: int
     block_ids: tuple[int, ...]  # the consumer's pages, for transports that need the target
+    meta: str = ""  # opaque to the lease machine (hetpd: the staging region's descriptor)
 
 
 @dataclass(frozen=True)

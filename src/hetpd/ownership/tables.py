@@ -158,9 +158,11 @@ def _answer_unknown(message: Message) -> Step:
 class ProducerLeases(_Table[ProducerLease]):
     """The prefill worker's leases: one per request whose KV it computes for another worker."""
 
-    def open(self, lease_id: str, request_id: str, num_blocks: int, num_bytes: int, now: float, epoch: int = 1) -> Step:
-        """Start an attempt (state COMPUTING) and offer it to the consumer. Raises ValueError for
-        a caller bug: an attempt that exists, or a new one while an older one is still live."""
+    def open(self, lease_id: str, request_id: str, num_blocks: int, num_bytes: int, now: float, epoch: int = 1,
+             meta: str = "") -> Step:
+        """Start an attempt (state COMPUTING) and offer it to the consumer (``meta`` rides along
+        in the offer). Raises ValueError for a caller bug: an attempt that exists, or a new one
+        while an older one is still live."""
         if epoch < 1:
             raise ValueError(f"epoch must be >= 1 (the attempt number), got {epoch}")
         if num_blocks < 0 or num_bytes < 0:
@@ -171,7 +173,7 @@ class ProducerLeases(_Table[ProducerLease]):
         older = self.get(lease_id)
         if older is not None and older.live:
             raise ValueError(f"attempt {older.key} is still live ({older.state.value}); abort it before retrying")
-        lease = ProducerLease(key, request_id, num_blocks, num_bytes, self.config, now)
+        lease = ProducerLease(key, request_id, num_blocks, num_bytes, self.config, now, meta)
         self._add(lease)
         return applied(Send(lease.offer))
 
@@ -231,8 +233,10 @@ class ConsumerLeases(_Table[ConsumerLease]):
             return _answer_unknown(message)
         return ignored(f"unknown lease {key}")  # a release ack for a forgotten lease
 
-    def reserve(self, offer: ReserveRequest, block_ids: tuple[int, ...] | list[int], num_bytes: int, now: float) -> Step:
-        """Admit an offer with pages the caller allocated (state RESERVED) and tell the producer.
+    def reserve(self, offer: ReserveRequest, block_ids: tuple[int, ...] | list[int], num_bytes: int, now: float,
+                meta: str = "") -> Step:
+        """Admit an offer with pages the caller allocated (state RESERVED) and tell the producer
+        (``meta`` rides along in the Reserved message).
         If the attempt is already known (reserved, ended, or superseded) the lease does not take
         the pages: the step says to free them."""
         blocks = tuple(block_ids)
@@ -241,7 +245,7 @@ class ConsumerLeases(_Table[ConsumerLease]):
             existing = self._leases.get(key)
             state = "superseded" if existing is None else existing.state.value
             return ignored(f"attempt {key} is already {state}; the pages go back to the pool", FreeBlocks(key, blocks, num_bytes, refused=True))
-        lease, step = ConsumerLease.reserved(offer, blocks, num_bytes, self.config, now)
+        lease, step = ConsumerLease.reserved(offer, blocks, num_bytes, self.config, now, meta)
         self._add(lease)
         return step
 
