@@ -96,7 +96,7 @@ class Deployment:
         return {e.request_id: e for s, e in self.events if s == side}
 
 
-@pytest.fixture(params=["inproc", "tcp"])
+@pytest.fixture(params=["inproc", "shm", "tcp"])
 def transport(request: pytest.FixtureRequest) -> Iterator[Callable[[FaultInjection | None], tuple[TransferSender, TransferReceiver]]]:
     made: list[TransferSender | TransferReceiver] = []
 

@@ -87,7 +87,8 @@ class ProducerEndpoint(Endpoint):
         state = self._staged[effect.lease]
         try:
             destination = RegionDescriptor.from_dict(json.loads(effect.peer_meta))
-            self.sender.register_region(effect.transfer_id, bytearray(state.payload))
+            payload = state.payload if isinstance(state.payload, bytearray) else bytearray(state.payload)
+            self.sender.register_region(effect.transfer_id, payload)
             layer_bytes, layers = state.layer_bytes(), state.num_layers
             for first in range(0, layers, self.layers_per_post):
                 last = min(layers, first + self.layers_per_post)
