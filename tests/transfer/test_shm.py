@@ -1,4 +1,4 @@
-"""Shared-memory transport: the shared cross-process scenarios, segment hygiene, staging."""
+"""Shared-memory transport: segment hygiene, staging."""
 
 from __future__ import annotations
 
@@ -11,9 +11,6 @@ from transfer import harness
 from hetpd.transfer import FaultInjection, Span, TransferStatus
 from hetpd.transfer.shm import ShmReceiver, ShmSender, list_segments, remove_orphan_segments
 
-BACKEND = "shm"
-
-
 @pytest.fixture(autouse=True)
 def no_leaked_segments() -> Iterator[None]:
     before = set(list_segments())
@@ -21,31 +18,6 @@ def no_leaked_segments() -> Iterator[None]:
     remove_orphan_segments()  # a peer killed on purpose cannot unlink its own
     leaked = set(list_segments()) - before
     assert not leaked, f"leaked shared-memory segments: {sorted(leaked)}"
-
-
-@pytest.mark.timeout(60)
-def test_round_trip_many_spans_in_several_posts() -> None:
-    harness.round_trip_many_spans(BACKEND)
-
-
-@pytest.mark.timeout(60)
-def test_checksum_mismatch_fails_and_names_the_span() -> None:
-    harness.checksum_mismatch_fails(BACKEND)
-
-
-@pytest.mark.timeout(60)
-def test_cancel_drops_late_data() -> None:
-    harness.cancel_drops_late_data(BACKEND)
-
-
-@pytest.mark.timeout(60)
-def test_sender_killed_mid_transfer_fails_promptly() -> None:
-    harness.sender_killed_fails_promptly(BACKEND)
-
-
-@pytest.mark.timeout(60)
-def test_receiver_killed_mid_transfer_fails_promptly() -> None:
-    harness.receiver_killed_fails_promptly(BACKEND)
 
 
 @pytest.mark.timeout(30)
