@@ -7,6 +7,7 @@ with a sandboxed jinja2 environment, as HF does.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -57,7 +58,7 @@ class Tokenizer:
             config["chat_template"] = jinja_path.read_text()
         return cls(HFTokenizer.from_file(str(path)), config)
 
-    @property
+    @functools.cached_property
     def content_hash(self) -> str:
         """Hash of the vocabulary and merges: KV computed with another tokenizer means other tokens."""
         return hashlib.sha256(self.backend.to_str().encode()).hexdigest()[:16]
