@@ -166,6 +166,11 @@ class Engine:
         self.scheduler.add(seq)
         self._requests[request_id] = self._new_request(request_id, prompt, params, seq)
 
+    def progress(self, request_id: str) -> tuple[tuple[int, ...], tuple[Logprob, ...]]:
+        """Output token ids and logprobs of a running request so far (for streaming; no text)."""
+        request = self._requests[request_id]
+        return tuple(request.seq.output_token_ids), tuple(request.logprobs)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
 

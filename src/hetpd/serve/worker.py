@@ -1,0 +1,319 @@
+"""A worker process: one engine (prefill, decode or colocated), driven by the router.
+
+The engine loop runs on the main thread; a reader thread turns control frames into a queue.
+Prefill and decode workers hand KV over with :mod:`hetpd.handoff` endpoints: lease messages
+travel through the router (control plane), the bytes go straight from worker to worker over
+the pool's transport (data plane).
+
+Run by ``hetpd serve`` or by hand: ``hetpd worker --router HOST:PORT --secret S --role decode ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hetpd.engine.config import EngineConfig
+from hetpd.engine.engine import Engine
+from hetpd.handoff import ConsumerEndpoint, ProducerEndpoint
+from hetpd.kv.format import KVFormat
+from hetpd.kv.plan import plan_handoff
+from hetpd.outputs import Logprob, RequestOutput
+from hetpd.ownership import LeaseConfig, message_from_dict
+from hetpd.sampling_params import SamplingParams
+from hetpd.serve.control import answer
+from hetpd.serve.deploy import HandoffConfig, PoolConfig
+from hetpd.transfer import TransferReceiver, TransferSender, make_receiver, make_sender
+from hetpd.transfer.net import Conn, PeerGone, connect
+
+STATS_EVERY_S = 0.25
+
+
+@dataclass
+class _Streamed:
+    sent: int = 0  # output tokens already sent to the router
+
+
+@dataclass
+class WorkerState:
+    """What the worker knows about its requests (beyond the engine)."""
+
+    params: dict[str, SamplingParams] = field(default_factory=dict)
+    decode_worker: dict[str, str] = field(default_factory=dict)  # prefill side: request -> its decode worker
+    lease_peer: dict[str, str] = field(default_factory=dict)  # decode side: lease id -> producer worker
+    streamed: dict[str, _Streamed] = field(default_factory=dict)
+
+
+def params_from_dict(raw: dict[str, Any]) -> SamplingParams:
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+    return SamplingParams(**fields)
+
+
+def params_to_dict(params: SamplingParams) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(params).items()}
+
+
+def logprobs_to_list(logprobs: tuple[Logprob, ...]) -> list[list[Any]]:
+    return [[lp.token_id, lp.logprob, [list(t) for t in lp.top]] for lp in logprobs]
+
+
+class Worker:
+    def __init__(self, worker_id: str, pool: PoolConfig, handoff: HandoffConfig, engine: Engine, conn: Conn,
+                 advertise_host: str) -> None:
+        self.worker_id = worker_id
+        self.pool = pool
+        self.engine = engine
+        self.conn = conn
+        self.state = WorkerState()
+        self.inbox: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.stopping = threading.Event()
+        lease_config = LeaseConfig(ttl=handoff.lease_ttl_s, heartbeat_interval=handoff.heartbeat_s,
+                                   retain=6 * handoff.lease_ttl_s)
+        self.producer: ProducerEndpoint | None = None
+        self.consumer: ConsumerEndpoint | None = None
+        self.sender: TransferSender | None = None
+        self.receiver: TransferReceiver | None = None
+        if pool.role == "prefill":
+            self.sender = make_sender(pool.transport)
+            # The plan is re-made per decode peer format; the router sends it with each request.
+            self.producer = ProducerEndpoint(engine, self.sender, plan_handoff(engine.kv_format, engine.kv_format),
+                                             lease_config, layers_per_post=8)
+        elif pool.role == "decode":
+            self.receiver = make_receiver(pool.transport, host=advertise_host)
+            self.consumer = ConsumerEndpoint(engine, self.receiver, self.state.params.__getitem__, lease_config)
+        self._last_stats = 0.0
+
+    # ------------------------------------------------------------------ control
+    def send(self, message: dict[str, Any]) -> None:
+        self.conn.send_json(message)
+
+    def read_loop(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                self.inbox.put(self.conn.recv_json(self.stopping.is_set))
+        except PeerGone:
+            self.inbox.put({"op": "shutdown", "reason": "router connection lost"})
+
+    def handle(self, message: dict[str, Any], now: float) -> None:
+        op = message["op"]
+        if op in ("prefill", "generate"):
+            request_id = message["request_id"]
+            params = params_from_dict(message["params"])
+            self.state.params[request_id] = params
+            self.state.streamed[request_id] = _Streamed()
+            if op == "prefill":
+                self.state.decode_worker[request_id] = message["decode_worker"]
+                assert self.producer is not None
+                self.producer.plan = plan_handoff(self.engine.kv_format, KVFormat.from_json(message["decode_format"]))
+            try:
+                self.engine.add_request(request_id, list(message["prompt_token_ids"]), params)
+            except ValueError as exc:
+                self.send({"op": "error", "request_id": request_id, "message": str(exc)})
+        elif op == "expect":
+            self.state.params[message["request_id"]] = params_from_dict(message["params"])
+            self.state.streamed[message["request_id"]] = _Streamed(sent=0)
+        elif op == "lease":
+            lease = message_from_dict(message["message"])
+            if self.consumer is not None:
+                self.state.lease_peer[lease.lease_id] = message["from"]
+                self._route(self.consumer.receive(lease, now), now)
+            elif self.producer is not None:
+                self._route(self.producer.receive(lease, now), now)
+        elif op == "abort":
+            self.abort(message["request_id"], now)
+        elif op == "shutdown":
+            self.stopping.set()
+
+    def abort(self, request_id: str, now: float) -> None:
+        self.engine.abort(request_id)
+        if self.producer is not None and self.producer.leases.get(request_id) is not None:
+            self._route(self.producer.abort(request_id, now, "aborted by the client"), now)
+        if self.consumer is not None and self.consumer.leases.get(request_id) is not None:
+            self._route(self.consumer.abort(request_id, now, "aborted by the client"), now)
+        self._forget(request_id)
+
+    def _route(self, messages: list[Any], now: float) -> None:
+        for m in messages:
+            if self.producer is not None:
+                to = self.state.decode_worker.get(m.lease_id)
+            else:
+                to = self.state.lease_peer.get(m.lease_id)
+            if to is not None:
+                self.send({"op": "lease", "to": to, "from": self.worker_id, "message": m.to_dict()})
+
+    def _forget(self, request_id: str) -> None:
+        self.state.params.pop(request_id, None)
+        self.state.streamed.pop(request_id, None)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> None:
+        threading.Thread(target=self.read_loop, name="hetpd-worker-control", daemon=True).start()
+        while not self.stopping.is_set():
+            busy = self.engine.has_unfinished() or (self._live_leases() > 0)
+            try:
+                message = self.inbox.get(timeout=0.0 if busy else 0.02)
+                self.handle(message, time.monotonic())
+                while True:
+                    self.handle(self.inbox.get_nowait(), time.monotonic())
+            except queue.Empty:
+                pass
+            if self.stopping.is_set():
+                break
+            self.step(time.monotonic())
+
+    def step(self, now: float) -> None:
+        if self.engine.has_unfinished():
+            result = self.engine.step()
+            for out in result.finished:
+                self._send_output(out.request_id, out)
+            for out in result.handed_off:
+                self._send_output(out.request_id, out, handed_off=True)
+                assert self.producer is not None
+                self._route(self.producer.offer(out.request_id, now), now)
+            for request_id in result.sampled:
+                if request_id in self.state.streamed and request_id not in {o.request_id for o in result.finished}:
+                    if self.pool.role != "prefill":
+                        self._stream(request_id)
+        for endpoint in (self.producer, self.consumer):
+            if endpoint is not None:
+                self._route(endpoint.poll(now), now)
+                self._route(endpoint.tick(now), now)
+                for event in endpoint.events():
+                    self.send({"op": "lease_ended", "request_id": event.request_id, "side": endpoint.side.value,
+                               "state": event.state.value, "failure": event.failure.value if event.failure else None,
+                               "detail": event.detail})
+        if self.consumer is not None:
+            for out in self.consumer.finished():
+                self._send_output(out.request_id, out)
+            for request_id in list(self.state.streamed):
+                if request_id in self.engine._requests and self.state.streamed[request_id].sent == 0:
+                    self._stream(request_id)  # just committed: its first token comes from the import
+        if now - self._last_stats > STATS_EVERY_S:
+            self._last_stats = now
+            self.send(self.stats())
+
+    def _stream(self, request_id: str) -> None:
+        token_ids, logprobs = self.engine.progress(request_id)
+        streamed = self.state.streamed[request_id]
+        if len(token_ids) > streamed.sent:
+            self.send({"op": "output", "request_id": request_id, "token_ids": list(token_ids[streamed.sent:]),
+                       "logprobs": logprobs_to_list(logprobs[streamed.sent:]) if logprobs else None,
+                       "finished": False})
+            streamed.sent = len(token_ids)
+
+    def _send_output(self, request_id: str, out: RequestOutput, handed_off: bool = False) -> None:
+        streamed = self.state.streamed.get(request_id, _Streamed())
+        completion = out.outputs[0]
+        logprobs = completion.logprobs or ()
+        self.send({
+            "op": "output", "request_id": request_id, "token_ids": list(completion.token_ids[streamed.sent:]),
+            "logprobs": logprobs_to_list(logprobs[streamed.sent:]) if completion.logprobs is not None else None,
+            "finished": out.finished, "handed_off": handed_off, "finish_reason": completion.finish_reason,
+            "stop_reason": completion.stop_reason, "text": completion.text if out.finished else None,
+            "num_prompt_tokens": len(out.prompt_token_ids), "num_cached_tokens": out.metrics.num_cached_tokens,
+        })
+        streamed.sent = len(completion.token_ids)
+        if out.finished or handed_off:
+            self._forget(request_id)
+
+    def _live_leases(self) -> int:
+        return sum(e.live_leases() for e in (self.producer, self.consumer) if e is not None)
+
+    def stats(self) -> dict[str, Any]:
+        allocator = self.engine.allocator.stats()
+        ledgers = [e.ledger.snapshot() for e in (self.producer, self.consumer) if e is not None]
+        return {
+            "op": "stats", "pages_in_use": allocator.num_in_use, "pages_total": self.engine.allocator.num_blocks,
+            "pages_free": self.engine.allocator.num_available(), "running": len(self.engine.scheduler.running),
+            "waiting": len(self.engine.scheduler.waiting), "live_leases": self._live_leases(),
+            "held": len(self.engine.held_request_ids()), "reserved": len(self.engine.reserved_request_ids()),
+            "transient_bytes": sum(s.total_bytes for s in ledgers),
+            "peak_transient_bytes": max((s.peak_total_bytes for s in ledgers), default=0),
+        }
+
+    def close(self) -> None:
+        for endpoint in (self.sender, self.receiver):
+            if endpoint is not None:
+                endpoint.close()
+        self.conn.close()
+
+
+def engine_config(pool: PoolConfig, model: str | None) -> EngineConfig:
+    return EngineConfig(
+        model=model, role=pool.role, device=pool.device, dtype=pool.dtype, quantization=pool.quantization,
+        kv_cache_dtype=pool.kv_cache_dtype, block_size=pool.block_size, num_kv_blocks=pool.num_kv_blocks,
+        kv_cache_memory_bytes=int(pool.kv_cache_memory_gb * (1 << 30)), max_num_seqs=pool.max_num_seqs,
+        max_num_batched_tokens=pool.max_num_batched_tokens,
+    )
+
+
+def serve_worker(router: str, secret: str, worker_id: str, pool: PoolConfig, handoff: HandoffConfig,
+                 model: str | None, advertise_host: str = "127.0.0.1",
+                 log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> None:
+    """Load the engine, join the router, serve until told to stop (or the router goes away)."""
+    engine = Engine.from_config(engine_config(pool, model))
+    host, port = router.rsplit(":", 1)
+    conn = connect(host, int(port), timeout=10.0, io_timeout=30.0)
+    challenge = conn.recv_json(lambda: False)
+    if challenge.get("op") != "challenge":
+        raise PeerGone(f"router spoke {challenge.get('op')!r} first, expected a challenge")
+    conn.send_json({
+        "op": "hello", "mac": answer(secret, str(challenge["nonce"])), "worker_id": worker_id, "role": pool.role,
+        "pool": pool.name, "pid": os.getpid(), "host": socket.gethostname(), "kv_format": engine.kv_format.to_json(),
+        "transport": pool.transport, "max_num_seqs": pool.max_num_seqs, "block_size": engine.kv_cache.block_size,
+        "pages_total": engine.allocator.num_blocks, "max_model_len": engine.max_model_len,
+    })
+    reply = conn.recv_json(lambda: False)
+    if reply.get("op") != "welcome":
+        log(f"worker {worker_id}: the router refused to register it: {reply.get('reason')}")
+        conn.close()
+        raise SystemExit(3)
+    log(f"worker {worker_id} ({pool.role}, {pool.dtype} weights, {pool.kv_cache_dtype} KV) joined {router}")
+    worker = Worker(worker_id, pool, handoff, engine, conn, advertise_host)
+    try:
+        worker.run()
+    finally:
+        worker.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="hetpd worker", description="Run one prefill, decode or colocated worker.")
+    parser.add_argument("--router", required=True, help="HOST:PORT of the router's control listener")
+    parser.add_argument("--secret", default=os.environ.get("HETPD_SECRET"), help="shared secret (or $HETPD_SECRET)")
+    parser.add_argument("--worker-id", default=None)
+    parser.add_argument("--pool", default=None, help="the pool as JSON (what `hetpd serve` passes)")
+    parser.add_argument("--handoff", default="{}", help="handoff settings as JSON")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--role", choices=["prefill", "decode", "colocated"])
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--kv-cache-dtype", default="float32")
+    parser.add_argument("--transport", default="shm")
+    parser.add_argument("--num-kv-blocks", type=int, default=None)
+    parser.add_argument("--advertise-host", default="127.0.0.1", help="address other workers reach this one at")
+    args = parser.parse_args(argv)
+    if not args.secret:
+        parser.error("--secret (or $HETPD_SECRET) is required: the router only accepts workers that know it")
+    if args.pool:
+        pool = PoolConfig.model_validate_json(args.pool)
+    elif args.role:
+        pool = PoolConfig(name=args.role, role=args.role, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
+                          transport=args.transport, num_kv_blocks=args.num_kv_blocks)
+    else:
+        parser.error("give --role (or --pool)")
+    worker_id = args.worker_id or f"{pool.name}-{socket.gethostname()}-{os.getpid()}"
+    serve_worker(args.router, args.secret, worker_id, pool, HandoffConfig.model_validate(json.loads(args.handoff)),
+                 args.model, args.advertise_host)
+
+
+if __name__ == "__main__":
+    main()
