@@ -29,7 +29,8 @@ case "${1:-}" in
     demo)
         install
         shift
-        exec "$VENV/bin/hetpd" generate --chat "What is the capital of France? Answer in one sentence." "$@"
+        # A local 1-prefill-1-decode deployment (prefill fp32, decode bf16 with int8 KV) answering one request.
+        exec "$VENV/bin/hetpd" serve --sample-request "What is the capital of France? Answer in one sentence." "$@"
         ;;
     test)
         install

@@ -45,20 +45,52 @@ def build_parser() -> argparse.ArgumentParser:
     imp = commands.add_parser("import-gguf", help="convert a GGUF checkpoint into an HF-format folder")
     imp.add_argument("gguf_file", type=Path)
     imp.add_argument("out_dir", type=Path)
+
+    srv = commands.add_parser("serve", help="serve an OpenAI-compatible API with prefill and decode workers")
+    srv.add_argument("--config", type=Path, default=None,
+                     help="deployment YAML; default: 1 prefill (fp32) + 1 decode (bf16, int8 KV) of the embedded model")
+    srv.add_argument("--port", type=int, default=None, help="HTTP port (overrides the file; 0 = any free port)")
+    srv.add_argument("--sample-request", default=None, metavar="TEXT",
+                     help="send one chat request through the deployment, print the answer and its trace, then stop")
+
+    commands.add_parser("worker", help="run one worker that joins a running router (see `hetpd worker --help`)",
+                        add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["worker"]:
+        from hetpd.serve.worker import main as worker_main
+
+        worker_main(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":
             return _generate(args)
         if args.command == "import-gguf":
             return _import_gguf(args)
+        if args.command == "serve":
+            return _serve(args)
     except (ValueError, OSError) as error:
         print(f"hetpd: error: {error}", file=sys.stderr)
         return 2
     return 1
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from hetpd.serve.deploy import default_deployment, load_deployment
+    from hetpd.serve.launcher import serve
+
+    deploy = load_deployment(args.config) if args.config else default_deployment()
+    port = args.port if args.port is not None else (0 if args.sample_request is not None else None)
+    try:
+        return asyncio.run(serve(deploy, args.sample_request, port))
+    except KeyboardInterrupt:
+        return 0
 
 
 def _import_gguf(args: argparse.Namespace) -> int:

@@ -60,11 +60,14 @@ class ConsumerEndpoint(Endpoint):
         self.params_of = params_of  # the request's sampling params (the router knows them)
         self._incoming: dict[LeaseKey, _Incoming] = {}
         self._finished: list[RequestOutput] = []
+        self.bytes_received = 0  # payload bytes of committed handoffs
 
     def poll(self, now: float) -> list[Message]:
         """Report finished receives to the leases (commit on verified bytes)."""
         for result in self.receiver.poll():
-            self._settled(result.transfer_id)
+            incoming = self._settled(result.transfer_id)
+            if incoming is not None and result.ok:
+                self.on_step(incoming.request_id, "transfer_end")
             self._run(self.leases.transfer_settled(result.transfer_id, outcome_of(result), now), now)
         return self._drain()
 
@@ -96,10 +99,12 @@ class ConsumerEndpoint(Endpoint):
                 self.receiver.unregister_region(str(effect.lease))
                 self.engine.cancel_reservation(incoming.request_id)
 
-    def _settled(self, transfer_id: str) -> None:
+    def _settled(self, transfer_id: str) -> _Incoming | None:
         for key, incoming in self._incoming.items():
             if str(key) == transfer_id:
                 incoming.expecting = False
+                return incoming
+        return None
 
     def _admit(self, offer: ReserveRequest, now: float) -> None:
         try:
@@ -123,12 +128,14 @@ class ConsumerEndpoint(Endpoint):
         descriptor = self.receiver.register_region(str(key), staging)
         self.receiver.expect(str(key), str(key))
         self._incoming[key] = _Incoming(offer.request_id, offer.meta, staging)
+        self.on_step(offer.request_id, "reserve")
         self._run(self.leases.reserve(offer, reservation.blocks, nbytes, now, meta=json.dumps(descriptor.to_dict())),
                   now)
 
     def _commit(self, effect: AdoptBlocks) -> None:
         incoming = self._incoming.pop(effect.lease)
         self.receiver.unregister_region(str(effect.lease))
+        self.bytes_received += len(incoming.staging)
         state = RuntimeKVState.from_manifest(incoming.manifest, incoming.staging, residency=Residency.HOST,
                                              location="staging", owner=f"decode:{incoming.request_id}")
         result = self.engine.commit_kv(state, self.params_of(incoming.request_id), incoming.request_id)

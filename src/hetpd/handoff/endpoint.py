@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from hetpd.ownership import (
@@ -44,6 +45,8 @@ class Endpoint:
         self._leases = leases
         self._outbox: list[Message] = []
         self._events: list[HandoffEvent] = []
+        # Called with (request_id, lifecycle step) as a handoff passes each step (for traces).
+        self.on_step: Callable[[str, str], None] = lambda request_id, step: None
 
     def live_leases(self) -> int:
         return self._leases.live()
@@ -75,6 +78,8 @@ class Endpoint:
             if isinstance(effect, Send):
                 self._outbox.append(effect.message)
             elif isinstance(effect, Ended):
+                if effect.state in (LeaseState.COMMITTED, LeaseState.RELEASED):
+                    self.on_step(effect.request_id, "commit" if effect.state is LeaseState.COMMITTED else "release")
                 self._events.append(HandoffEvent(effect.request_id, effect.lease, effect.state, effect.failure,
                                                  effect.detail))
             else:

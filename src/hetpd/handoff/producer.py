@@ -53,6 +53,7 @@ class ProducerEndpoint(Endpoint):
         key = LeaseKey(request_id, 1)
         self._request_of[key] = request_id
         self._staged[key] = state
+        self.on_step(request_id, "lease_offered")
         self._run(step, now)
         self._run(self.leases.hold(request_id, blocks, state.nbytes, now), now)
         return self._drain()
@@ -89,6 +90,7 @@ class ProducerEndpoint(Endpoint):
             destination = RegionDescriptor.from_dict(json.loads(effect.peer_meta))
             payload = state.payload if isinstance(state.payload, bytearray) else bytearray(state.payload)
             self.sender.register_region(effect.transfer_id, payload)
+            self.on_step(state.request_id, "transfer_start")
             layer_bytes, layers = state.layer_bytes(), state.num_layers
             for first in range(0, layers, self.layers_per_post):
                 last = min(layers, first + self.layers_per_post)

@@ -92,6 +92,12 @@ class Worker:
             self.receiver = make_receiver(pool.transport, host=advertise_host)
             self.consumer = ConsumerEndpoint(engine, self.receiver, self.state.params.__getitem__, lease_config)
         self._last_stats = 0.0
+        for endpoint in (self.producer, self.consumer):
+            if endpoint is not None:
+                endpoint.on_step = self._trace
+
+    def _trace(self, request_id: str, step: str) -> None:
+        self.send({"op": "trace", "request_id": request_id, "step": step, "at": time.time()})
 
     # ------------------------------------------------------------------ control
     def send(self, message: dict[str, Any]) -> None:
@@ -121,7 +127,7 @@ class Worker:
                 self.send({"op": "error", "request_id": request_id, "message": str(exc)})
         elif op == "expect":
             self.state.params[message["request_id"]] = params_from_dict(message["params"])
-            self.state.streamed[message["request_id"]] = _Streamed(sent=0)
+            self.state.streamed[message["request_id"]] = _Streamed(sent=1)  # the first token came from prefill
         elif op == "lease":
             lease = message_from_dict(message["message"])
             if self.consumer is not None:
@@ -189,15 +195,16 @@ class Worker:
                 self._route(endpoint.poll(now), now)
                 self._route(endpoint.tick(now), now)
                 for event in endpoint.events():
+                    if event.state.value == "committed" and self.engine.is_running(event.request_id):
+                        self._stream(event.request_id)  # the imported first token, right away
+                    elif event.state.value in ("failed", "expired", "aborted") and endpoint is self.consumer:
+                        self._forget(event.request_id)
                     self.send({"op": "lease_ended", "request_id": event.request_id, "side": endpoint.side.value,
                                "state": event.state.value, "failure": event.failure.value if event.failure else None,
                                "detail": event.detail})
         if self.consumer is not None:
             for out in self.consumer.finished():
                 self._send_output(out.request_id, out)
-            for request_id in list(self.state.streamed):
-                if request_id in self.engine._requests and self.state.streamed[request_id].sent == 0:
-                    self._stream(request_id)  # just committed: its first token comes from the import
         if now - self._last_stats > STATS_EVERY_S:
             self._last_stats = now
             self.send(self.stats())
@@ -239,6 +246,7 @@ class Worker:
             "held": len(self.engine.held_request_ids()), "reserved": len(self.engine.reserved_request_ids()),
             "transient_bytes": sum(s.total_bytes for s in ledgers),
             "peak_transient_bytes": max((s.peak_total_bytes for s in ledgers), default=0),
+            "kv_bytes_received": self.consumer.bytes_received if self.consumer is not None else 0,
         }
 
     def close(self) -> None:

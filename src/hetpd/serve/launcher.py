@@ -1,0 +1,142 @@
+"""``hetpd serve``: the router and its HTTP API in this process, the workers as child processes.
+
+With no ``--config`` it runs the embedded default (one prefill and one decode worker of
+SmolLM2-135M-Instruct, precision chosen per role). ``--sample-request TEXT`` sends one chat
+request through the running deployment over real HTTP, prints the answer and the request's
+lifecycle trace, and shuts everything down: the README's main command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from hetpd.models.tokenizer import Tokenizer
+from hetpd.serve.api import build_app
+from hetpd.serve.control import new_secret
+from hetpd.serve.deploy import DeploymentConfig
+from hetpd.serve.router import Router
+
+READY_TIMEOUT_S = 600.0
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def resolve_model(deploy: DeploymentConfig) -> Path:
+    if deploy.model is not None:
+        return Path(deploy.model)
+    from hetpd.models.default_model import default_model_dir
+
+    return default_model_dir(progress=log)
+
+
+def spawn_workers(deploy: DeploymentConfig, model_dir: Path, control: str, secret: str) -> list[subprocess.Popen[bytes]]:
+    env = {**os.environ, "HETPD_SECRET": secret}
+    children = []
+    for pool in deploy.pools:
+        for index in range(pool.count):
+            worker_id = f"{pool.name}-{index}"
+            command = [sys.executable, "-m", "hetpd.serve.worker", "--router", control, "--worker-id", worker_id,
+                       "--pool", pool.model_dump_json(), "--handoff", deploy.handoff.model_dump_json(),
+                       "--model", str(model_dir)]
+            children.append(subprocess.Popen(command, env=env))
+    return children
+
+
+async def serve(deploy: DeploymentConfig, sample_request: str | None = None, port: int | None = None) -> int:
+    secret = deploy.router.secret or os.environ.get("HETPD_SECRET") or new_secret()
+    api_key = deploy.router.api_key or os.environ.get("HETPD_API_KEY")
+    model_dir = resolve_model(deploy)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    router = Router(deploy, secret, log)
+    children: list[subprocess.Popen[bytes]] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        control_port = await router.start(deploy.router.host, deploy.router.control_port)
+        control = f"{deploy.router.host}:{control_port}"
+        log(f"hetpd: router control on {control}; starting {sum(p.count for p in deploy.pools)} worker(s)")
+        children.extend(spawn_workers(deploy, model_dir, control, secret))
+        yield
+        await router.stop()
+
+    app = build_app(router, tokenizer, deploy.model_name, api_key)
+    app.router.lifespan_context = lifespan
+    http_port = deploy.router.port if port is None else port
+    server = uvicorn.Server(uvicorn.Config(app, host=deploy.router.host, port=http_port, log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if serving.done():
+                return 1
+            await asyncio.sleep(0.05)
+        bound = server.servers[0].sockets[0].getsockname()[1]
+        url = f"http://{deploy.router.host}:{bound}"
+        started = time.monotonic()
+        while not router.ready():
+            dead = [c for c in children if c.poll() is not None]
+            if dead or time.monotonic() - started > READY_TIMEOUT_S:
+                log(f"hetpd: workers failed to start ({len(dead)} exited); see their messages above")
+                return 1
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.3)  # let every pool's workers finish joining
+        print(f"hetpd serving {deploy.model_name} on {url} (workers: "
+              f"{', '.join(f'{w.worker_id}={w.role}' for w in router.workers.values())})", flush=True)
+        if sample_request is not None:
+            return await asyncio.to_thread(run_sample, url, deploy.model_name, sample_request, api_key)
+        await serving
+        return 0
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(serving, timeout=10)
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+def _post(url: str, body: dict[str, Any], api_key: str | None) -> dict[str, Any]:
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
+    with urllib.request.urlopen(request, timeout=300) as response:
+        result: dict[str, Any] = json.loads(response.read())
+        return result
+
+
+def run_sample(url: str, model: str, text: str, api_key: str | None) -> int:
+    started = time.monotonic()
+    reply = _post(f"{url}/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": text}],
+                                                   "max_tokens": 48, "temperature": 0}, api_key)
+    elapsed = time.monotonic() - started
+    print(f"\n--- request ---\n{text}\n--- answer ({reply['usage']['completion_tokens']} tokens, "
+          f"{elapsed:.2f}s, finish_reason={reply['choices'][0]['finish_reason']}) ---")
+    print(reply["choices"][0]["message"]["content"])
+    with urllib.request.urlopen(f"{url}/v1/requests/{reply['id']}/trace", timeout=30) as response:
+        trace = json.loads(response.read())
+    steps = trace["steps"]
+    origin = steps.get("queued", 0.0)
+    print("--- lifecycle (ms since arrival) ---")
+    print("  " + ", ".join(f"{name} {1000 * (at - origin):.0f}" for name, at in steps.items()))
+    print(f"  workers: {trace['workers']}")
+    return 0
