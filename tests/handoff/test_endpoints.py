@@ -227,3 +227,23 @@ def test_an_incompatible_consumer_refuses_by_field(tiny_model_dir: Callable[[str
     refused = d.ended("producer")["r0"]
     assert refused.failure is FailureKind.REFUSED and "incompatible KV" in refused.detail and "model." in refused.detail
     d.assert_clean()
+
+
+@pytest.mark.timeout(120)
+def test_bytes_that_land_before_the_transfer_notice_still_commit(
+    tiny_model_dir: Callable[[str], Path], transport: Callable[..., tuple[TransferSender, TransferReceiver]]
+) -> None:
+    """Data and control take different paths: the receive can finish before TransferPosted arrives."""
+    d = deployment(tiny_model_dir("llama"), *transport())
+    d.prefill.add_request("r0", PROMPTS[0], PARAMS)
+    assert [o.request_id for o in d.prefill.step().handed_off] == ["r0"]
+    reserved = d.consumer.receive(d.producer.offer("r0", d.now)[0], d.now)
+    notices = [m for r in reserved for m in d.producer.receive(r, d.now)]  # posted; TransferPosted held back
+    deadline = time.monotonic() + 10
+    while d.consumer.early_results() == 0:  # the bytes arrived and were verified; the lease still waits
+        assert d.consumer.poll(d.now) == [] and time.monotonic() < deadline
+        time.sleep(0.01)
+    d.deliver(notices)
+    d.run([], max_turns=200)
+    assert d.ended("consumer")["r0"].state is LeaseState.COMMITTED and "r0" in d.outputs
+    d.assert_clean()

@@ -15,6 +15,7 @@ from hetpd.ownership import (
     AdoptBlocks,
     Admit,
     CancelTransfer,
+    ConsumerLease,
     ConsumerLeases,
     Effect,
     FreeBlocks,
@@ -27,7 +28,7 @@ from hetpd.ownership import (
 )
 from hetpd.outputs import RequestOutput
 from hetpd.sampling_params import SamplingParams
-from hetpd.transfer import TransferReceiver
+from hetpd.transfer import TransferReceiver, TransferResult, TransferStatus
 
 
 @dataclass
@@ -36,6 +37,9 @@ class _Incoming:
     manifest: str
     staging: bytearray  # where the transport writes; the engine's pages are written only at commit
     expecting: bool = True  # the receiver still has this transfer (no result delivered yet)
+    # The bytes may land before the producer's TransferPosted does (data and control take
+    # different paths); the result then waits here until the lease has posted its receive.
+    early: TransferResult | None = None
 
 
 class ConsumerEndpoint(Endpoint):
@@ -68,8 +72,22 @@ class ConsumerEndpoint(Endpoint):
             incoming = self._settled(result.transfer_id)
             if incoming is not None and result.ok:
                 self.on_step(incoming.request_id, "transfer_end")
+            lease = self._lease_of(result.transfer_id)
+            if incoming is not None and lease is not None and lease.live and not lease.in_flight:
+                incoming.early = result  # TransferPosted is still on its way: settle when it arrives
+                continue
             self._run(self.leases.transfer_settled(result.transfer_id, outcome_of(result), now), now)
         return self._drain()
+
+    def _lease_of(self, transfer_id: str) -> ConsumerLease | None:
+        for lease in self.leases:
+            if lease.transfer_id == transfer_id:
+                return lease
+        return None
+
+    def early_results(self) -> int:
+        """Transfers whose bytes arrived before the producer's notice did (waiting for it)."""
+        return sum(1 for incoming in self._incoming.values() if incoming.early is not None)
 
     def abort(self, request_id: str, now: float, detail: str = "aborted by the client") -> list[Message]:
         self._run(self.leases.abort(request_id, now, detail), now)
@@ -84,10 +102,19 @@ class ConsumerEndpoint(Endpoint):
         if isinstance(effect, Admit):
             self._admit(effect.offer, now)
         elif isinstance(effect, StartTransfer):
-            pass  # the receive was posted at reservation, before the producer could send
+            # The receive was posted at reservation, before the producer could send; if the
+            # bytes already arrived, this is the moment the lease can hear about it.
+            incoming = self._incoming.get(effect.lease)
+            if incoming is not None and incoming.early is not None:
+                early, incoming.early = incoming.early, None
+                self._run(self.leases.transfer_settled(effect.transfer_id, outcome_of(early), now), now)
         elif isinstance(effect, CancelTransfer):
-            result = self.receiver.cancel(effect.transfer_id)  # once it returns, no byte lands in staging
-            self._settled(effect.transfer_id)
+            incoming = self._incoming.get(effect.lease)
+            if incoming is not None and not incoming.expecting:  # its result was delivered already
+                result = incoming.early or TransferResult(effect.transfer_id, TransferStatus.CANCELLED, 0, "cancelled")
+            else:
+                result = self.receiver.cancel(effect.transfer_id)  # once it returns, no byte lands in staging
+                self._settled(effect.transfer_id)
             self._run(self.leases.transfer_settled(effect.transfer_id, outcome_of(result), now), now)
         elif isinstance(effect, AdoptBlocks):
             self._commit(effect)
