@@ -87,6 +87,12 @@ def build_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: st
         return JSONResponse({"status": "ok" if status == 200 else "starting",
                              "workers": {w.worker_id: w.role for w in router.workers.values()}}, status_code=status)
 
+    @app.get("/v1/admin/workers")
+    async def admin_workers() -> dict[str, Any]:
+        """Each worker's latest stats: pages in use, live leases, transient bytes (hetpd extension)."""
+        return {w.worker_id: {"role": w.role, "pool": w.pool, "assigned": len(w.assigned), **{
+            k: v for k, v in w.stats.items() if k != "op"}} for w in router.workers.values()}
+
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(router.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -67,6 +67,7 @@ class RequestState:
     trace: dict[str, float] = field(default_factory=dict)
     workers: dict[str, str] = field(default_factory=dict)  # role -> worker id
     output_token_ids: list[int] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)  # when each batch of tokens was produced
     done: bool = False
 
     def mark(self, step: str, at: float | None = None) -> None:
@@ -214,15 +215,17 @@ class Router:
         if request is None or request.done:
             return
         tokens = [int(t) for t in message["token_ids"]]
+        at = float(message.get("at", time.time()))  # the worker's clock: its steps order with its trace marks
         if tokens:
             if not request.output_token_ids:
-                request.mark("first_token")
+                request.mark("first_token", at)
             elif worker.role == "decode" and "first_decode_token" not in request.trace:
-                request.mark("first_decode_token")
+                request.mark("first_decode_token", at)
+            request.token_times.append(at)
             request.output_token_ids.extend(tokens)
         request.events.put_nowait({"type": "tokens", "token_ids": tokens, "logprobs": message.get("logprobs")})
         if message.get("finished"):
-            request.mark("finished")
+            request.mark("finished", at)
             request.done = True
             request.events.put_nowait({"type": "done", "finish_reason": message.get("finish_reason"),
                                        "stop_reason": message.get("stop_reason"), "text": message.get("text")})
@@ -326,6 +329,9 @@ class Router:
                 worker.assigned.discard(request.request_id)
                 worker.pending_pages.pop(request.request_id, None)
         self.metrics.request_done(request.trace)
+        if len(request.output_token_ids) > 1 and len(request.token_times) > 1:
+            span = request.token_times[-1] - request.token_times[0]
+            self.metrics.observe_itl(span / (len(request.output_token_ids) - 1))
         self.finished_traces[request.request_id] = {"workers": dict(request.workers), "steps": dict(request.trace)}
         while len(self.finished_traces) > 10000:
             del self.finished_traces[next(iter(self.finished_traces))]

@@ -213,7 +213,8 @@ class Worker:
         token_ids, logprobs = self.engine.progress(request_id)
         streamed = self.state.streamed[request_id]
         if len(token_ids) > streamed.sent:
-            self.send({"op": "output", "request_id": request_id, "token_ids": list(token_ids[streamed.sent:]),
+            self.send({"op": "output", "request_id": request_id, "at": time.time(),
+                       "token_ids": list(token_ids[streamed.sent:]),
                        "logprobs": logprobs_to_list(logprobs[streamed.sent:]) if logprobs else None,
                        "finished": False})
             streamed.sent = len(token_ids)
@@ -223,7 +224,8 @@ class Worker:
         completion = out.outputs[0]
         logprobs = completion.logprobs or ()
         self.send({
-            "op": "output", "request_id": request_id, "token_ids": list(completion.token_ids[streamed.sent:]),
+            "op": "output", "request_id": request_id, "at": time.time(),
+            "token_ids": list(completion.token_ids[streamed.sent:]),
             "logprobs": logprobs_to_list(logprobs[streamed.sent:]) if completion.logprobs is not None else None,
             "finished": out.finished, "handed_off": handed_off, "finish_reason": completion.finish_reason,
             "stop_reason": completion.stop_reason, "text": completion.text if out.finished else None,
