@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -51,13 +52,14 @@ class Served:
 
 
 @contextmanager
-def serve(deploy: dict[str, Any], tmp_path: Path, timeout: float = 240.0) -> Iterator[Served]:
+def serve(deploy: dict[str, Any], tmp_path: Path, timeout: float = 240.0,
+          env: dict[str, str] | None = None) -> Iterator[Served]:
     config = tmp_path / "deploy.yaml"
     config.write_text(yaml.safe_dump(deploy))
     log_path = tmp_path / "serve.log"
     log = log_path.open("w")
     process = subprocess.Popen([sys.executable, "-m", "hetpd.cli", "serve", "--config", str(config), "--port", "0"],
-                               stdout=subprocess.PIPE, stderr=log, text=True)
+                               stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, **(env or {})})
     found: list[str] = []
 
     def read() -> None:

@@ -130,7 +130,8 @@ def test_models_health_metrics_and_trace(served: Served, client: openai.OpenAI) 
     metrics = served.get("/metrics")
     for name in ("hetpd_time_to_first_token_seconds_count", "hetpd_inter_token_latency_seconds",
                  "hetpd_queue_depth", "hetpd_kv_pages_in_use", "hetpd_leases_ended_total",
-                 "hetpd_kv_bytes_received", "hetpd_kv_handoff_seconds", "hetpd_kv_transfer_seconds"):
+                 "hetpd_kv_bytes_received", "hetpd_kv_handoff_seconds", "hetpd_kv_transfer_seconds",
+                 "hetpd_kv_conversion_seconds_count"):
         assert name in metrics, name
 
 

@@ -21,7 +21,10 @@ class Metrics:
                              registry=r)
         self.handoff = Histogram("hetpd_kv_handoff_seconds", "KV transfer start to commit on the decode side",
                                  buckets=_LATENCY_BUCKETS, registry=r)
-        self.conversion = Histogram("hetpd_kv_transfer_seconds", "KV bytes on the wire: transfer start to verified",
+        self.transfer = Histogram("hetpd_kv_transfer_seconds", "KV bytes on the wire: transfer start to verified",
+                                  buckets=_LATENCY_BUCKETS, registry=r)
+        self.conversion = Histogram("hetpd_kv_conversion_seconds",
+                                    "Decode side: verified bytes to committed pages (unpack, convert, write)",
                                     buckets=_LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("hetpd_queue_depth", "Requests waiting for capacity", registry=r)
         self.requests = Counter("hetpd_requests_total", "Requests by outcome", ["outcome"], registry=r)
@@ -55,7 +58,9 @@ class Metrics:
         if "transfer_start" in trace and "commit" in trace:
             self.handoff.observe(max(0.0, trace["commit"] - trace["transfer_start"]))
         if "transfer_start" in trace and "transfer_end" in trace:
-            self.conversion.observe(max(0.0, trace["transfer_end"] - trace["transfer_start"]))
+            self.transfer.observe(max(0.0, trace["transfer_end"] - trace["transfer_start"]))
+        if "transfer_end" in trace and "commit" in trace:
+            self.conversion.observe(max(0.0, trace["commit"] - trace["transfer_end"]))
 
     def observe_itl(self, mean_gap: float) -> None:
         self.itl.observe(mean_gap)

@@ -14,6 +14,7 @@ event queue, which the HTTP layer streams. Runs on one asyncio loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import time
 from collections.abc import Callable
@@ -69,6 +70,12 @@ class RequestState:
     output_token_ids: list[int] = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)  # when each batch of tokens was produced
     done: bool = False
+    attempt: int = 0  # workers know an attempt as "<request_id>~<attempt>": a retry never meets stale state
+    failed_workers: set[str] = field(default_factory=set)
+
+    @property
+    def wire_id(self) -> str:
+        return f"{self.request_id}~{self.attempt}"
 
     def mark(self, step: str, at: float | None = None) -> None:
         self.trace.setdefault(step, time.time() if at is None else at)
@@ -192,7 +199,7 @@ class Router:
         elif op == "output":
             self._on_output(worker, message)
         elif op == "trace":
-            request = self.requests.get(str(message["request_id"]))
+            request = self._current(str(message["request_id"]))
             if request is not None:
                 request.mark(str(message["step"]), float(message["at"]))
                 if message["step"] == "commit":
@@ -201,18 +208,25 @@ class Router:
                         decode.pending_pages.pop(request.request_id, None)
         elif op == "lease_ended":
             self.metrics.lease_ended(str(message["side"]), str(message["state"]))
-            if message["failure"] is not None and message["side"] == "consumer":
-                self._fail(str(message["request_id"]), 502, f"KV handoff failed: {message['failure']} "
-                           f"({message['detail']})")
-            elif message["failure"] is not None and message["side"] == "producer":
-                self._fail(str(message["request_id"]), 502, f"KV handoff failed: {message['failure']} "
-                           f"({message['detail']})")
+            request = self._current(str(message["request_id"]))
+            if request is not None and message["failure"] is not None:
+                await self._recover(request, f"KV handoff failed on the {message['side']} side: "
+                                             f"{message['failure']} ({message['detail']})")
         elif op == "error":
-            self._fail(str(message["request_id"]), 400, str(message["message"]))
+            request = self._current(str(message["request_id"]))
+            if request is not None:
+                self._fail(request, 400, str(message["message"]))
+
+    def _current(self, wire_id: str) -> RequestState | None:
+        """The request a worker message is about, if it is about its current attempt (else stale)."""
+        request = self.requests.get(wire_id.split("~")[0])
+        if request is None or request.done or request.wire_id != wire_id:
+            return None
+        return request
 
     def _on_output(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
-        request = self.requests.get(str(message["request_id"]))
-        if request is None or request.done:
+        request = self._current(str(message["request_id"]))
+        if request is None:
             return
         tokens = [int(t) for t in message["token_ids"]]
         at = float(message.get("at", time.time()))  # the worker's clock: its steps order with its trace marks
@@ -227,13 +241,19 @@ class Router:
         if message.get("finished"):
             request.mark("finished", at)
             request.done = True
+            # A retried request's worker saw only the last attempt's tokens: let the API decode them all.
+            text = message.get("text") if request.attempt == 1 else None
             request.events.put_nowait({"type": "done", "finish_reason": message.get("finish_reason"),
-                                       "stop_reason": message.get("stop_reason"), "text": message.get("text")})
+                                       "stop_reason": message.get("stop_reason"), "text": text})
             self._release(request)
 
     def _worker_lost(self, worker: WorkerHandle) -> None:
         for request_id in list(worker.assigned):
-            self._fail(request_id, 502, f"{worker.role} worker {worker.worker_id} went away mid-request")
+            request = self.requests.get(request_id)
+            if request is not None and not request.done:
+                request.failed_workers.add(worker.worker_id)
+                asyncio.get_running_loop().create_task(
+                    self._recover(request, f"{worker.role} worker {worker.worker_id} went away mid-request"))
 
     # ------------------------------------------------------------------ requests
     async def submit(self, prompt_token_ids: list[int], params: SamplingParams) -> RequestState:
@@ -250,22 +270,68 @@ class Router:
             self._queued -= 1
             self.metrics.queue_depth.set(self._queued)
         self.requests[request.request_id] = request
+        request.mark("dispatched")
+        await self._dispatch(request, workers)
+        return request
+
+    async def _dispatch(self, request: RequestState, workers: list[WorkerHandle]) -> None:
+        """Start the next attempt on ``workers``: a colocated worker, a decode worker computing
+        everything itself (recompute), or a prefill-decode pair. A later attempt continues after
+        the tokens already sent: they join the prompt and leave the budget."""
+        request.attempt += 1
         request.workers = {w.role: w.worker_id for w in workers}
+        prompt = request.prompt_token_ids + request.output_token_ids
+        params = dataclasses.replace(request.params,
+                                     max_tokens=request.params.max_tokens - len(request.output_token_ids))
+        params_dict = params_to_dict(params)
         for w in workers:
             w.assigned.add(request.request_id)
-        request.mark("dispatched")
-        params_dict = params_to_dict(params)
-        if workers[0].role == "colocated":
-            await write_message(workers[0].writer, {"op": "generate", "request_id": request.request_id,
-                                                    "prompt_token_ids": prompt_token_ids, "params": params_dict})
-            return request
+        if len(workers) == 1:
+            await write_message(workers[0].writer, {"op": "generate", "request_id": request.wire_id,
+                                                    "prompt_token_ids": prompt, "params": params_dict})
+            return
         prefill, decode = workers
-        decode.pending_pages[request.request_id] = -(-len(prompt_token_ids) // decode.block_size)
-        await write_message(decode.writer, {"op": "expect", "request_id": request.request_id, "params": params_dict})
+        decode.pending_pages[request.request_id] = -(-len(prompt) // decode.block_size)
+        await write_message(decode.writer, {"op": "expect", "request_id": request.wire_id, "params": params_dict})
         await write_message(prefill.writer, {
-            "op": "prefill", "request_id": request.request_id, "prompt_token_ids": prompt_token_ids,
-            "params": params_dict, "decode_worker": decode.worker_id, "decode_format": decode.kv_format.to_json()})
-        return request
+            "op": "prefill", "request_id": request.wire_id, "prompt_token_ids": prompt, "params": params_dict,
+            "decode_worker": decode.worker_id, "decode_format": decode.kv_format.to_json()})
+
+    async def _recover(self, request: RequestState, reason: str) -> None:
+        """An attempt failed: apply the deployment's recovery policy (retry, recompute or fail)."""
+        if request.done:
+            return
+        policy = self.deploy.handoff
+        self.log(f"router: {request.request_id} attempt {request.attempt}: {reason}")
+        await self._leave_attempt(request)
+        if policy.recovery == "fail" or request.attempt >= policy.max_attempts:
+            self._fail(request, 502, f"{reason} (recovery {policy.recovery!r}, attempt {request.attempt} of "
+                                     f"{policy.max_attempts})")
+            return
+        request.mark(f"recovery_{request.attempt}")
+        prompt_len = len(request.prompt_token_ids) + len(request.output_token_ids)
+        workers = self._choose(prompt_len, avoid=request.failed_workers)
+        if policy.recovery == "recompute":
+            decoders = [w for w in self.workers.values() if w.role in ("decode", "colocated")
+                        and w.worker_id not in request.failed_workers]
+            workers = [max(decoders, key=lambda w: w.free_pages())] if decoders else None
+        if workers is None:
+            self._fail(request, 503, f"{reason}; no worker left to {policy.recovery} on")
+            return
+        await self._dispatch(request, workers)
+
+    async def _leave_attempt(self, request: RequestState) -> None:
+        """Tell the attempt's surviving workers to drop it (aborting frees its pages and leases)."""
+        for worker_id in request.workers.values():
+            worker = self.workers.get(worker_id)
+            if worker is None:
+                continue
+            worker.assigned.discard(request.request_id)
+            worker.pending_pages.pop(request.request_id, None)
+            try:
+                await write_message(worker.writer, {"op": "abort", "request_id": request.wire_id})
+            except ConnectionError:
+                pass
 
     async def _place(self, request: RequestState) -> list[WorkerHandle]:
         deadline = time.monotonic() + 30.0
@@ -281,10 +347,12 @@ class Router:
             except asyncio.TimeoutError:
                 pass
 
-    def _choose(self, num_prompt_tokens: int) -> list[WorkerHandle] | None:
+    def _choose(self, num_prompt_tokens: int, avoid: set[str] | None = None) -> list[WorkerHandle] | None:
+        avoid = avoid or set()
         by_role: dict[str, list[WorkerHandle]] = {}
         for w in self.workers.values():
-            by_role.setdefault(w.role, []).append(w)
+            if w.worker_id not in avoid:
+                by_role.setdefault(w.role, []).append(w)
         if "colocated" in by_role and not ("prefill" in by_role and "decode" in by_role):
             return [min(by_role["colocated"], key=lambda w: len(w.assigned))]
         prefill = min(by_role.get("prefill", []), key=lambda w: len(w.assigned), default=None)
@@ -303,15 +371,11 @@ class Router:
             return
         request.done = True
         request.mark("aborted")
-        for worker_id in request.workers.values():
-            worker = self.workers.get(worker_id)
-            if worker is not None:
-                await write_message(worker.writer, {"op": "abort", "request_id": request_id})
+        await self._leave_attempt(request)
         self._release(request)
 
-    def _fail(self, request_id: str, status: int, message: str) -> None:
-        request = self.requests.get(request_id)
-        if request is None or request.done:
+    def _fail(self, request: RequestState, status: int, message: str) -> None:
+        if request.done:
             return
         request.done = True
         request.mark("failed")
@@ -319,15 +383,13 @@ class Router:
         for worker_id in request.workers.values():
             worker = self.workers.get(worker_id)
             if worker is not None:
-                worker.writer.write(_frame({"op": "abort", "request_id": request_id}))
+                worker.writer.write(_frame({"op": "abort", "request_id": request.wire_id}))
         self._release(request)
 
     def _release(self, request: RequestState) -> None:
-        for worker_id in request.workers.values():
-            worker = self.workers.get(worker_id)
-            if worker is not None:
-                worker.assigned.discard(request.request_id)
-                worker.pending_pages.pop(request.request_id, None)
+        for worker in self.workers.values():
+            worker.assigned.discard(request.request_id)
+            worker.pending_pages.pop(request.request_id, None)
         self.metrics.request_done(request.trace)
         if len(request.output_token_ids) > 1 and len(request.token_times) > 1:
             span = request.token_times[-1] - request.token_times[0]

@@ -29,14 +29,42 @@ from hetpd.handoff import ConsumerEndpoint, ProducerEndpoint
 from hetpd.kv.format import KVFormat
 from hetpd.kv.plan import plan_handoff
 from hetpd.outputs import Logprob, RequestOutput
-from hetpd.ownership import LeaseConfig, message_from_dict
+from hetpd.ownership import LeaseConfig, ReserveRequest, message_from_dict
 from hetpd.sampling_params import SamplingParams
 from hetpd.serve.control import answer
 from hetpd.serve.deploy import HandoffConfig, PoolConfig
-from hetpd.transfer import TransferReceiver, TransferSender, make_receiver, make_sender
+from hetpd.transfer import FaultInjection, TransferReceiver, TransferSender, make_receiver, make_sender
 from hetpd.transfer.net import Conn, PeerGone, connect
 
 STATS_EVERY_S = 0.25
+FAULTS_ENV = "HETPD_FAULTS"
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Deliberate failures for the fault tests, from ``$HETPD_FAULTS`` ("role:name[=value],...").
+
+    Unset in normal runs. Each one makes this real process misbehave the way a crash, a slow
+    peer or a bad link would, so the tests exercise the real recovery paths end to end.
+    """
+
+    exit_after_offer: bool = False  # prefill: die right after offering the first KV (mid-handoff)
+    exit_after_tokens: int | None = None  # decode: die after streaming this many tokens
+    corrupt: str | None = None  # prefill: flip a byte of this transfer id after hashing it
+    stall_on_offer: float | None = None  # decode: freeze this long when the first offer arrives
+    duplicate_lease_messages: bool = False  # send every lease message twice
+
+    @classmethod
+    def from_env(cls, role: str, worker_id: str) -> Faults:
+        values: dict[str, Any] = {}
+        for item in filter(None, os.environ.get(FAULTS_ENV, "").split(",")):
+            scope, _, fault = item.partition(":")  # scope: a role or one worker's id
+            if scope not in (role, worker_id):
+                continue
+            name, _, value = fault.partition("=")
+            kinds = {"exit_after_tokens": int, "corrupt": str, "stall_on_offer": float}
+            values[name] = kinds[name](value) if name in kinds else True
+        return cls(**values)
 
 
 @dataclass
@@ -83,8 +111,10 @@ class Worker:
         self.consumer: ConsumerEndpoint | None = None
         self.sender: TransferSender | None = None
         self.receiver: TransferReceiver | None = None
+        self.faults = Faults.from_env(pool.role, worker_id)
         if pool.role == "prefill":
-            self.sender = make_sender(pool.transport)
+            fault = FaultInjection(self.faults.corrupt, 0) if self.faults.corrupt else None
+            self.sender = make_sender(pool.transport, fault=fault)
             # The plan is re-made per decode peer format; the router sends it with each request.
             self.producer = ProducerEndpoint(engine, self.sender, plan_handoff(engine.kv_format, engine.kv_format),
                                              lease_config, layers_per_post=8)
@@ -92,6 +122,7 @@ class Worker:
             self.receiver = make_receiver(pool.transport, host=advertise_host)
             self.consumer = ConsumerEndpoint(engine, self.receiver, self.state.params.__getitem__, lease_config)
         self._last_stats = 0.0
+        self._tokens_streamed = 0
         for endpoint in (self.producer, self.consumer):
             if endpoint is not None:
                 endpoint.on_step = self._trace
@@ -130,6 +161,10 @@ class Worker:
             self.state.streamed[message["request_id"]] = _Streamed(sent=1)  # the first token came from prefill
         elif op == "lease":
             lease = message_from_dict(message["message"])
+            if self.faults.stall_on_offer and isinstance(lease, ReserveRequest):
+                time.sleep(self.faults.stall_on_offer)  # a stuck decode worker: the offer waits unread
+                self.faults = dataclasses.replace(self.faults, stall_on_offer=None)
+                now = time.monotonic()
             if self.consumer is not None:
                 self.state.lease_peer[lease.lease_id] = message["from"]
                 self._route(self.consumer.receive(lease, now), now)
@@ -155,7 +190,8 @@ class Worker:
             else:
                 to = self.state.lease_peer.get(m.lease_id)
             if to is not None:
-                self.send({"op": "lease", "to": to, "from": self.worker_id, "message": m.to_dict()})
+                for _ in range(2 if self.faults.duplicate_lease_messages else 1):
+                    self.send({"op": "lease", "to": to, "from": self.worker_id, "message": m.to_dict()})
 
     def _forget(self, request_id: str) -> None:
         self.state.params.pop(request_id, None)
@@ -186,6 +222,8 @@ class Worker:
                 self._send_output(out.request_id, out, handed_off=True)
                 assert self.producer is not None
                 self._route(self.producer.offer(out.request_id, now), now)
+                if self.faults.exit_after_offer:
+                    os._exit(17)
             for request_id in result.sampled:
                 if request_id in self.state.streamed and request_id not in {o.request_id for o in result.finished}:
                     if self.pool.role != "prefill":
@@ -217,7 +255,10 @@ class Worker:
                        "token_ids": list(token_ids[streamed.sent:]),
                        "logprobs": logprobs_to_list(logprobs[streamed.sent:]) if logprobs else None,
                        "finished": False})
+            self._tokens_streamed += len(token_ids) - streamed.sent
             streamed.sent = len(token_ids)
+            if self.faults.exit_after_tokens is not None and self._tokens_streamed >= self.faults.exit_after_tokens:
+                os._exit(17)
 
     def _send_output(self, request_id: str, out: RequestOutput, handed_off: bool = False) -> None:
         streamed = self.state.streamed.get(request_id, _Streamed())
