@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("worker", help="run one worker that joins a running router (see `hetpd worker --help`)",
                         add_help=False)
+
+    chat = commands.add_parser("chat", help="chat with a running server from the terminal (streams the answers)")
+    chat.add_argument("--url", default="http://127.0.0.1:8000")
+    chat.add_argument("--api-key", default=None)
+    chat.add_argument("--model", default=None, help="default: the server's first model")
+    chat.add_argument("--max-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.7)
     return parser
 
 
@@ -73,6 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _import_gguf(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "chat":
+            from hetpd.serve.chat_client import run
+
+            return run(args.url, args.api_key, args.model, args.max_tokens, args.temperature)
     except (ValueError, OSError) as error:
         print(f"hetpd: error: {error}", file=sys.stderr)
         return 2

@@ -114,3 +114,26 @@ def test_a_full_decode_pool_answers_503_with_retry_after(tiny_model_dir: Callabl
         assert "full" in json.loads(caught.value.read())["error"]["message"]
         assert complete(served, max_tokens=4)[1] == 4  # what fits still runs
         served.wait_idle()
+
+
+@pytest.mark.timeout(300)
+def test_a_dropped_control_connection_moves_the_request(tiny_model_dir: Callable[[str], Path],
+                                                        tmp_path: Path) -> None:
+    with serve(deployment(tiny_model_dir("llama"), decode_count=2), tmp_path,
+               env={"HETPD_FAULTS": "decode-0:drop_router_after_tokens=2,decode-1:drop_router_after_tokens=2"}) as served:
+        text, words = complete(served, max_tokens=6, stream=True)
+        assert words == 6
+        assert "left" in served.log()
+        assert len(served.wait_idle()) == 2  # the cut-off decode worker left; the other two hold nothing
+
+
+@pytest.mark.timeout(300)
+def test_the_fail_policy_gives_a_clear_error(tiny_model_dir: Callable[[str], Path], tmp_path: Path) -> None:
+    with serve(deployment(tiny_model_dir("llama"), recovery="fail"), tmp_path,
+               env={"HETPD_FAULTS": "prefill:corrupt=req-0~1@1"}) as served:
+        client = openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=90)
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0)
+        assert caught.value.status_code == 502 and "checksum" in str(caught.value)
+        assert complete(served, max_tokens=4)[1] == 4  # the next request is fine
+        served.wait_idle()

@@ -200,3 +200,14 @@ def test_a_worker_with_an_incompatible_kv_format_is_refused(served: Served,
     assert joined.returncode == 3 and "cannot join" in joined.stderr and "model.architecture" in joined.stderr
     assert "intruder" not in served.get("/health")["workers"]
     assert "model.head_dim" in served.log() or "model.architecture" in served.log()
+
+
+@pytest.mark.timeout(120)
+def test_hetpd_chat_streams_a_conversation(served: Served) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "hetpd.cli", "chat", "--url", served.url, "--api-key", API_KEY, "--max-tokens", "5",
+         "--temperature", "0"], input="w5 w6 w7\n/reset\nw9\n/quit\n", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "chatting with tiny" in done.stdout
+    assert done.stdout.count("assistant> ") == 2 and done.stdout.count("first token") == 2
+    served.wait_idle()

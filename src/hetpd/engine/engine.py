@@ -166,6 +166,10 @@ class Engine:
         self.scheduler.add(seq)
         self._requests[request_id] = self._new_request(request_id, prompt, params, seq)
 
+    def is_running(self, request_id: str) -> bool:
+        """Queued or running here (not held for a handoff, not reserved, not finished)."""
+        return request_id in self._requests
+
     def progress(self, request_id: str) -> tuple[tuple[int, ...], tuple[Logprob, ...]]:
         """Output token ids and logprobs of a running request so far (for streaming; no text)."""
         request = self._requests[request_id]

@@ -53,6 +53,7 @@ class Faults:
     corrupt: str | None = None  # prefill: flip a byte of this transfer id after hashing it
     stall_on_offer: float | None = None  # decode: freeze this long when the first offer arrives
     duplicate_lease_messages: bool = False  # send every lease message twice
+    drop_router_after_tokens: int | None = None  # decode: cut the control connection after this many tokens
 
     @classmethod
     def from_env(cls, role: str, worker_id: str) -> Faults:
@@ -62,7 +63,7 @@ class Faults:
             if scope not in (role, worker_id):
                 continue
             name, _, value = fault.partition("=")
-            kinds = {"exit_after_tokens": int, "corrupt": str, "stall_on_offer": float}
+            kinds = {"exit_after_tokens": int, "corrupt": str, "stall_on_offer": float, "drop_router_after_tokens": int}
             values[name] = kinds[name](value) if name in kinds else True
         return cls(**values)
 
@@ -259,6 +260,9 @@ class Worker:
             streamed.sent = len(token_ids)
             if self.faults.exit_after_tokens is not None and self._tokens_streamed >= self.faults.exit_after_tokens:
                 os._exit(17)
+            drop = self.faults.drop_router_after_tokens
+            if drop is not None and self._tokens_streamed >= drop:
+                self.conn.sock.shutdown(socket.SHUT_RDWR)  # the link dies; the process lives on
 
     def _send_output(self, request_id: str, out: RequestOutput, handed_off: bool = False) -> None:
         streamed = self.state.streamed.get(request_id, _Streamed())
