@@ -47,7 +47,6 @@ class PoolConfig(_Strict):
     max_num_seqs: int = Field(16, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=16)
     transport: Transport = "shm"
-    hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1"], description="where `hetpd serve` starts them")
 
     @field_validator("kv_cache_dtype")
     @classmethod
