@@ -194,8 +194,7 @@ class Router:
         elif op == "lease":
             target = self.workers.get(str(message.get("to")))
             if target is not None:  # a dead target: the lease's TTL ends it on the other side
-                await write_message(target.writer, {"op": "lease", "from": worker.worker_id,
-                                                    "message": message["message"]})
+                await self._send(target, {"op": "lease", "from": worker.worker_id, "message": message["message"]})
         elif op == "output":
             self._on_output(worker, message)
         elif op == "trace":
@@ -287,15 +286,26 @@ class Router:
         for w in workers:
             w.assigned.add(request.request_id)
         if len(workers) == 1:
-            await write_message(workers[0].writer, {"op": "generate", "request_id": request.wire_id,
-                                                    "prompt_token_ids": prompt, "params": params_dict})
-            return
-        prefill, decode = workers
-        decode.pending_pages[request.request_id] = -(-len(prompt) // decode.block_size)
-        await write_message(decode.writer, {"op": "expect", "request_id": request.wire_id, "params": params_dict})
-        await write_message(prefill.writer, {
-            "op": "prefill", "request_id": request.wire_id, "prompt_token_ids": prompt, "params": params_dict,
-            "decode_worker": decode.worker_id, "decode_format": decode.kv_format.to_json()})
+            sent = await self._send(workers[0], {"op": "generate", "request_id": request.wire_id,
+                                                 "prompt_token_ids": prompt, "params": params_dict})
+        else:
+            prefill, decode = workers
+            decode.pending_pages[request.request_id] = -(-len(prompt) // decode.block_size)
+            sent = await self._send(decode, {"op": "expect", "request_id": request.wire_id, "params": params_dict})
+            sent = sent and await self._send(prefill, {
+                "op": "prefill", "request_id": request.wire_id, "prompt_token_ids": prompt, "params": params_dict,
+                "decode_worker": decode.worker_id, "decode_format": decode.kv_format.to_json()})
+        if not sent:  # a worker vanished between choosing it and telling it
+            request.failed_workers.update(w.worker_id for w in workers if w.worker_id not in self.workers)
+            await self._recover(request, "a chosen worker went away before the request reached it")
+
+    async def _send(self, worker: WorkerHandle, message: dict[str, Any]) -> bool:
+        """Write to a worker; False if its connection is gone (its handler then reports it lost)."""
+        try:
+            await write_message(worker.writer, message)
+            return True
+        except (ConnectionError, RuntimeError):
+            return False
 
     async def _recover(self, request: RequestState, reason: str) -> None:
         """An attempt failed: apply the deployment's recovery policy (retry, recompute or fail)."""
@@ -328,10 +338,7 @@ class Router:
                 continue
             worker.assigned.discard(request.request_id)
             worker.pending_pages.pop(request.request_id, None)
-            try:
-                await write_message(worker.writer, {"op": "abort", "request_id": request.wire_id})
-            except ConnectionError:
-                pass
+            await self._send(worker, {"op": "abort", "request_id": request.wire_id})
 
     async def _place(self, request: RequestState) -> list[WorkerHandle]:
         deadline = time.monotonic() + 30.0

@@ -246,6 +246,7 @@ class Worker:
                 self._send_output(out.request_id, out)
         if now - self._last_stats > STATS_EVERY_S:
             self._last_stats = now
+            self._prune_routes()
             self.send(self.stats())
 
     def _stream(self, request_id: str) -> None:
@@ -279,6 +280,14 @@ class Worker:
         streamed.sent = len(completion.token_ids)
         if out.finished or handed_off:
             self._forget(request_id)
+
+    def _prune_routes(self) -> None:
+        """Forget where to send lease messages once the lease table itself forgot the lease."""
+        for routes, endpoint in ((self.state.decode_worker, self.producer), (self.state.lease_peer, self.consumer)):
+            if endpoint is None:
+                continue
+            for lease_id in [k for k in routes if endpoint.leases.get(k) is None and k not in self.state.params]:
+                del routes[lease_id]
 
     def _live_leases(self) -> int:
         return sum(e.live_leases() for e in (self.producer, self.consumer) if e is not None)
