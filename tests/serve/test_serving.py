@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -122,7 +123,10 @@ def test_models_health_metrics_and_trace(served: Served, client: openai.OpenAI) 
     assert served.get("/health")["status"] == "ok"
     reply = client.completions.with_raw_response.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0)
     request_id = reply.headers["x-request-id"]
-    steps = served.get(f"/v1/requests/{request_id}/trace")["steps"]
+    deadline = time.monotonic() + 10
+    while "release" not in (steps := served.get(f"/v1/requests/{request_id}/trace")["steps"]):
+        assert time.monotonic() < deadline, steps  # the producer releases just after the decode side commits
+        time.sleep(0.05)
     lifecycle = ["queued", "dispatched", "first_token", "lease_offered", "reserve", "transfer_start", "transfer_end",
                  "commit", "first_decode_token", "finished"]
     assert all(step in steps for step in lifecycle + ["release"]), steps

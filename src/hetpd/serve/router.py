@@ -198,13 +198,18 @@ class Router:
         elif op == "output":
             self._on_output(worker, message)
         elif op == "trace":
-            request = self._current(str(message["request_id"]))
+            wire_id, step, at = str(message["request_id"]), str(message["step"]), float(message["at"])
+            request = self._current(wire_id)
             if request is not None:
-                request.mark(str(message["step"]), float(message["at"]))
-                if message["step"] == "commit":
+                request.mark(step, at)
+                if step == "commit":
                     decode = self.workers.get(request.workers.get("decode", ""))
                     if decode is not None:
                         decode.pending_pages.pop(request.request_id, None)
+            else:  # the producer's release often lands after the last token: keep it in the finished trace
+                record = self.finished_traces.get(wire_id.split("~")[0])
+                if record is not None and record.get("wire_id") == wire_id:
+                    record["steps"].setdefault(step, at)
         elif op == "lease_ended":
             self.metrics.lease_ended(str(message["side"]), str(message["state"]))
             request = self._current(str(message["request_id"]))
@@ -401,7 +406,8 @@ class Router:
         if len(request.output_token_ids) > 1 and len(request.token_times) > 1:
             span = request.token_times[-1] - request.token_times[0]
             self.metrics.observe_itl(span / (len(request.output_token_ids) - 1))
-        self.finished_traces[request.request_id] = {"workers": dict(request.workers), "steps": dict(request.trace)}
+        self.finished_traces[request.request_id] = {"workers": dict(request.workers), "steps": dict(request.trace),
+                                                    "wire_id": request.wire_id}
         while len(self.finished_traces) > 10000:
             del self.finished_traces[next(iter(self.finished_traces))]
         self.requests.pop(request.request_id, None)
