@@ -45,9 +45,10 @@ class ProducerEndpoint(Endpoint):
         self._staged: dict[LeaseKey, RuntimeKVState] = {}
         self._request_of: dict[LeaseKey, str] = {}  # until the lease frees the request's pages
 
-    def offer(self, request_id: str, now: float) -> list[Message]:
-        """The engine handed ``request_id`` off (its pages are held): open a lease and offer it."""
-        state = self.engine.export_kv(request_id, self.plan.wire)
+    def offer(self, request_id: str, now: float, plan: HandoffPlan | None = None) -> list[Message]:
+        """The engine handed ``request_id`` off (its pages are held): open a lease and offer it.
+        ``plan``: this request's plan (its decode peer's), default the endpoint's."""
+        state = self.engine.export_kv(request_id, (plan or self.plan).wire)
         blocks = self.engine.held_blocks(request_id)
         step = self.leases.open(request_id, request_id, len(blocks), state.nbytes, now, meta=state.manifest())
         key = LeaseKey(request_id, 1)

@@ -27,7 +27,7 @@ from hetpd.engine.config import EngineConfig
 from hetpd.engine.engine import Engine
 from hetpd.handoff import ConsumerEndpoint, ProducerEndpoint
 from hetpd.kv.format import KVFormat
-from hetpd.kv.plan import plan_handoff
+from hetpd.kv.plan import HandoffPlan, plan_handoff
 from hetpd.outputs import Logprob, RequestOutput
 from hetpd.ownership import LeaseConfig, ReserveRequest, message_from_dict
 from hetpd.sampling_params import SamplingParams
@@ -79,6 +79,7 @@ class WorkerState:
 
     params: dict[str, SamplingParams] = field(default_factory=dict)
     decode_worker: dict[str, str] = field(default_factory=dict)  # prefill side: request -> its decode worker
+    plans: dict[str, HandoffPlan] = field(default_factory=dict)  # prefill side: request -> plan for its peer
     lease_peer: dict[str, str] = field(default_factory=dict)  # decode side: lease id -> producer worker
     streamed: dict[str, _Streamed] = field(default_factory=dict)
 
@@ -151,8 +152,8 @@ class Worker:
             self.state.streamed[request_id] = _Streamed()
             if op == "prefill":
                 self.state.decode_worker[request_id] = message["decode_worker"]
-                assert self.producer is not None
-                self.producer.plan = plan_handoff(self.engine.kv_format, KVFormat.from_json(message["decode_format"]))
+                self.state.plans[request_id] = plan_handoff(self.engine.kv_format,
+                                                            KVFormat.from_json(message["decode_format"]))
             try:
                 self.engine.add_request(request_id, list(message["prompt_token_ids"]), params)
             except ValueError as exc:
@@ -197,6 +198,7 @@ class Worker:
     def _forget(self, request_id: str) -> None:
         self.state.params.pop(request_id, None)
         self.state.streamed.pop(request_id, None)
+        self.state.plans.pop(request_id, None)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> None:
@@ -205,14 +207,22 @@ class Worker:
             busy = self.engine.has_unfinished() or (self._live_leases() > 0)
             try:
                 message = self.inbox.get(timeout=0.0 if busy else 0.02)
-                self.handle(message, time.monotonic())
+                self._handle_safely(message)
                 while True:
-                    self.handle(self.inbox.get_nowait(), time.monotonic())
+                    self._handle_safely(self.inbox.get_nowait())
             except queue.Empty:
                 pass
             if self.stopping.is_set():
                 break
             self.step(time.monotonic())
+
+    def _handle_safely(self, message: dict[str, Any]) -> None:
+        """A malformed control message is reported, never fatal to the worker's other requests."""
+        try:
+            self.handle(message, time.monotonic())
+        except (KeyError, TypeError, ValueError) as exc:
+            self.send({"op": "error", "request_id": str(message.get("request_id", "")),
+                       "message": f"worker {self.worker_id} could not handle {message.get('op')!r}: {exc}"})
 
     def step(self, now: float) -> None:
         if self.engine.has_unfinished():
@@ -222,7 +232,7 @@ class Worker:
             for out in result.handed_off:
                 self._send_output(out.request_id, out, handed_off=True)
                 assert self.producer is not None
-                self._route(self.producer.offer(out.request_id, now), now)
+                self._route(self.producer.offer(out.request_id, now, self.state.plans.pop(out.request_id, None)), now)
                 if self.faults.exit_after_offer:
                     os._exit(17)
             for request_id in result.sampled:
@@ -234,9 +244,7 @@ class Worker:
                 self._route(endpoint.poll(now), now)
                 self._route(endpoint.tick(now), now)
                 for event in endpoint.events():
-                    if event.state.value == "committed" and self.engine.is_running(event.request_id):
-                        self._stream(event.request_id)  # the imported first token, right away
-                    elif event.state.value in ("failed", "expired", "aborted") and endpoint is self.consumer:
+                    if event.failure is not None and endpoint is self.consumer:
                         self._forget(event.request_id)
                     self.send({"op": "lease_ended", "request_id": event.request_id, "side": endpoint.side.value,
                                "state": event.state.value, "failure": event.failure.value if event.failure else None,
