@@ -213,7 +213,10 @@ class Router:
         elif op == "lease_ended":
             self.metrics.lease_ended(str(message["side"]), str(message["state"]))
             request = self._current(str(message["request_id"]))
-            if request is not None and message["failure"] is not None:
+            # A producer lease can expire after the consumer committed (every Committed lost): the
+            # request is fine, decoding elsewhere, and the producer merely freed its copy.
+            committed = request is not None and "commit" in request.trace
+            if request is not None and message["failure"] is not None and not committed:
                 await self._recover(request, f"KV handoff failed on the {message['side']} side: "
                                              f"{message['failure']} ({message['detail']})")
         elif op == "error":
