@@ -9,6 +9,7 @@ PURE_MODULES = ["hetpd.core.scheduler", "hetpd.core.block_allocator", "hetpd.cor
                 "hetpd.models.config", "hetpd.sampling_params", "hetpd.outputs",
                 "hetpd.kv", "hetpd.kv.check", "hetpd.kv.plan", "hetpd.kv.state", "hetpd.kv.table"]
 PURE_MODULES += ["hetpd.ownership.lease", "hetpd.ownership.ledger", "hetpd.ownership.recovery", "hetpd.ownership.messages"]
+PURE_MODULES += ["hetpd.bench.traces", "hetpd.bench.workload", "hetpd.bench.prompts"]
 
 
 def test_pure_layers_do_not_import_torch() -> None:

@@ -1,0 +1,1 @@
+"""`hetpd bench`: a load generator for any OpenAI-compatible server (workload side: traces, arrivals, prompts)."""
