@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("worker", help="run one worker that joins a running router (see `hetpd worker --help`)",
                         add_help=False)
 
+    commands.add_parser("bench", help="load-test any OpenAI-compatible server (see `hetpd bench --help`)",
+                        add_help=False)
+
     chat = commands.add_parser("chat", help="chat with a running server from the terminal (streams the answers)")
     chat.add_argument("--url", default="http://127.0.0.1:8000")
     chat.add_argument("--api-key", default=None)
@@ -67,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from hetpd.bench.cli import main as bench_main
+
+        return bench_main(argv[1:])
     if argv[:1] == ["worker"]:
         from hetpd.serve.worker import main as worker_main
 

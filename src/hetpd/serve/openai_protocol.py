@@ -21,6 +21,7 @@ class _Request(BaseModel):
     seed: int | None = None
     stream: bool = False
     n: int = 1
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (what load generators send)
 
     @field_validator("n")
     @classmethod
@@ -55,7 +56,8 @@ class CompletionRequest(_Request):
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_tokens or min(16, default_max_tokens), temperature=self.temperature,
-                              top_p=self.top_p, stop=self.stops(), seed=self.seed, logprobs=self.logprobs)
+                              top_p=self.top_p, stop=self.stops(), seed=self.seed, logprobs=self.logprobs,
+                              ignore_eos=self.ignore_eos)
 
 
 class ChatMessage(BaseModel):
@@ -85,7 +87,7 @@ class ChatCompletionRequest(_Request):
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                              stop=self.stops(), seed=self.seed, logprobs=logprobs)
+                              stop=self.stops(), seed=self.seed, logprobs=logprobs, ignore_eos=self.ignore_eos)
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
