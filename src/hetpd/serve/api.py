@@ -68,6 +68,7 @@ def build_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: st
 
     @app.middleware("http")
     async def _auth(request: Request, call_next: Any) -> Response:
+        request.state.arrived = time.time()  # a request's trace starts when its bytes reach us, not when parsed
         if api_key and request.url.path.startswith("/v1/"):
             if request.headers.get("authorization", "") != f"Bearer {api_key}":
                 return JSONResponse(error_body("invalid or missing API key (Authorization: Bearer ...)",
@@ -110,7 +111,8 @@ def build_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: st
                                            "not_found_error", code=404), status_code=404)
         return JSONResponse(found)
 
-    async def start(prompt_token_ids: list[int], params: SamplingParams, model: str) -> RequestState | JSONResponse:
+    async def start(prompt_token_ids: list[int], params: SamplingParams, model: str,
+                    arrived: float) -> RequestState | JSONResponse:
         if model != model_name:
             return JSONResponse(error_body(f"model {model!r} is not served here; use {model_name!r}", param="model",
                                            code=404), status_code=404)
@@ -123,7 +125,7 @@ def build_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: st
         if not prompt_token_ids:
             return JSONResponse(error_body("the prompt is empty", param="prompt", code=400), status_code=400)
         try:
-            return await router.submit(prompt_token_ids, params)
+            return await router.submit(prompt_token_ids, params, arrived)
         except Overloaded as exc:
             return JSONResponse(error_body(str(exc), "overloaded_error", code=503), status_code=503,
                                 headers={"Retry-After": "1"})
@@ -221,24 +223,24 @@ def build_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: st
         return StreamingResponse(stream_events(), media_type="text/event-stream", headers=headers(state))
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Response:
+    async def completions(body: CompletionRequest, request: Request) -> Response:
         prompt = tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
         if any(t < 0 or t >= tokenizer.vocab_size for t in prompt):
             return JSONResponse(error_body(f"prompt token ids must be in [0, {tokenizer.vocab_size})", param="prompt",
                                            code=400), status_code=400)
         params = body.sampling_params(router.max_model_len() - len(prompt))
-        state = await start(prompt, params, body.model)
+        state = await start(prompt, params, body.model, request.state.arrived)
         return state if isinstance(state, Response) else await respond(state, params, body.stream, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest) -> Response:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         try:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         except ValueError as exc:
             return JSONResponse(error_body(str(exc), param="messages", code=400), status_code=400)
         prompt = tokenizer.encode_chat(messages)
         params = body.sampling_params(max(1, router.max_model_len() - len(prompt)))
-        state = await start(prompt, params, body.model)
+        state = await start(prompt, params, body.model, request.state.arrived)
         return state if isinstance(state, Response) else await respond(state, params, body.stream, chat=True)
 
     return app

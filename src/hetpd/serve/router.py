@@ -263,12 +263,14 @@ class Router:
                     self._recover(request, f"{worker.role} worker {worker.worker_id} went away mid-request"))
 
     # ------------------------------------------------------------------ requests
-    async def submit(self, prompt_token_ids: list[int], params: SamplingParams) -> RequestState:
-        """Route a request; waits for capacity (bounded), else raises Overloaded."""
+    async def submit(self, prompt_token_ids: list[int], params: SamplingParams,
+                     arrived: float | None = None) -> RequestState:
+        """Route a request (``arrived``: when its HTTP request reached us); waits for capacity
+        (bounded), else raises Overloaded."""
         if not self.ready():
             raise NotReady("no worker set can serve yet (waiting for prefill and decode workers to register)")
         request = RequestState(f"req-{next(self._ids)}", prompt_token_ids, params, asyncio.Queue())
-        request.mark("queued")
+        request.mark("queued", arrived)
         self._queued += 1
         self.metrics.queue_depth.set(self._queued)
         try:
