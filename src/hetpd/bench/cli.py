@@ -45,6 +45,8 @@ def parser() -> argparse.ArgumentParser:
     lengths.add_argument("--trace", type=Path, default=None, help="Azure CSV, Mooncake JSONL or ShareGPT JSON")
     lengths.add_argument("--trace-format", default=None, choices=["azure", "mooncake", "sharegpt", "sharegpt_lengths"])
     p.add_argument("--num-requests", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=2,
+                   help="requests sent one by one before measuring (first-call costs stay out of the numbers)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--slo-ttft-ms", type=float, default=None)
     p.add_argument("--slo-tpot-ms", type=float, default=None)
@@ -133,6 +135,14 @@ def main(argv: list[str]) -> int:
     meta = {"url": args.url, "model": args.model, "name": args.name or args.out.stem,
             "workload": workload.model_dump(mode="json"), "slo_ms": {"ttft": args.slo_ttft_ms, "tpot": args.slo_tpot_ms}}
     runs: list[RunResult] = []
+    if args.warmup > 0:
+        try:
+            warm = build_requests(workload, rate=rates[0], count_tokens=count)[: args.warmup]
+        except ValueError as exc:
+            print(f"hetpd bench: {exc}", file=sys.stderr)
+            return 2
+        asyncio.run(run(warm, [builder.build(s) for s in warm], args.url, args.model, api_key=args.api_key,
+                        concurrency=1, progress=None))
     for rate in rates:
         try:
             specs = build_requests(workload, rate=rate, count_tokens=count)

@@ -45,7 +45,10 @@ def resolve_model(deploy: DeploymentConfig) -> Path:
 
 
 def spawn_workers(deploy: DeploymentConfig, model_dir: Path, control: str, secret: str) -> list[subprocess.Popen[bytes]]:
-    env = {**os.environ, "HETPD_SECRET": secret}
+    workers = sum(pool.count for pool in deploy.pools)
+    # Share this host's cores among its workers unless the user pinned a number.
+    threads = os.environ.get("HETPD_TORCH_THREADS") or str(max(1, (os.cpu_count() or 1) // workers))
+    env = {**os.environ, "HETPD_SECRET": secret, "HETPD_TORCH_THREADS": threads}
     children = []
     for pool in deploy.pools:
         for index in range(pool.count):
