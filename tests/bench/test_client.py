@@ -72,3 +72,18 @@ def test_an_unreachable_server_is_an_error_per_request_not_a_crash() -> None:
     work = specs(3, 4, None)
     result = asyncio.run(run(work, [[1] * 8] * 3, "http://127.0.0.1:9", "fake", concurrency=1, progress=None))
     assert result.summary.errors == {"connection": 3}
+
+
+def test_a_late_client_warns_that_it_may_be_the_bottleneck() -> None:
+    from hetpd.bench.client import RequestResult
+    from hetpd.bench.metrics import Distribution, summarize
+    from hetpd.bench.runner import overhead_warnings
+
+    late = [RequestResult(i, True, scheduled=float(i), sent=i + 0.05, end=i + 1.0, input_tokens=8, output_tokens=2,
+                          first_token=i + 0.2, token_times=(i + 0.2, i + 0.3)) for i in range(20)]
+    warnings = overhead_warnings(summarize(late, 20.0), Distribution.of([0.001] * 10), timed=True)
+    assert len(warnings) == 1 and "50.0 ms late" in warnings[0]
+    on_time = [RequestResult(i, True, float(i), i + 0.001, i + 1.0, 8, 2, i + 0.2, (i + 0.2, i + 0.3)) for i in range(20)]
+    assert overhead_warnings(summarize(on_time, 20.0), Distribution.of([0.05] * 10), timed=True)[0].startswith(
+        "the client's event loop stalled")
+    assert not overhead_warnings(summarize(on_time, 20.0), Distribution.of([0.001] * 10), timed=True)
