@@ -32,6 +32,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hetpd.bench.traces import UNTIMED_FORMATS, Trace, TraceFormat, TraceRecord, read_trace
+from hetpd.validation import field_problems
 
 
 class WorkloadError(ValueError):
@@ -161,8 +162,7 @@ def parse_workload(raw: object, where: str = "workload") -> WorkloadConfig:
     try:
         return WorkloadConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = [f"  {'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()]
-        raise WorkloadError(f"{where} is not a valid workload:\n" + "\n".join(problems)) from None
+        raise WorkloadError(f"{where} is not a valid workload:\n" + field_problems(exc)) from None
 
 
 def load_workload(path: str | Path) -> WorkloadConfig:

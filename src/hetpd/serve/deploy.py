@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hetpd.kv.format import canonical_kv_dtype
+from hetpd.validation import field_problems
 
 Role = Literal["prefill", "decode", "colocated"]
 Transport = Literal["shm", "tcp", "inproc"]
@@ -134,5 +135,4 @@ def parse_deployment(raw: object, where: str = "deployment") -> DeploymentConfig
     try:
         return DeploymentConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = [f"  {'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()]
-        raise DeploymentError(f"{where} is not a valid deployment:\n" + "\n".join(problems)) from None
+        raise DeploymentError(f"{where} is not a valid deployment:\n" + field_problems(exc)) from None
