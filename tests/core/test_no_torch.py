@@ -5,11 +5,17 @@ from __future__ import annotations
 import subprocess
 import sys
 
-PURE_MODULES = ["hetpd.core.scheduler", "hetpd.core.block_allocator", "hetpd.core.sequence", "hetpd.kv.format", "hetpd.transfer.base", "hetpd.transfer.factory", "hetpd.transfer.tcp", "hetpd.transfer.shm", "hetpd.transfer.inproc", "hetpd.transfer.nixl",
-                "hetpd.models.config", "hetpd.sampling_params", "hetpd.outputs",
-                "hetpd.kv", "hetpd.kv.check", "hetpd.kv.plan", "hetpd.kv.state", "hetpd.kv.table"]
-PURE_MODULES += ["hetpd.ownership.lease", "hetpd.ownership.ledger", "hetpd.ownership.recovery", "hetpd.ownership.messages"]
-PURE_MODULES += ["hetpd.bench.traces", "hetpd.bench.workload", "hetpd.bench.prompts"]
+PURE_MODULES = [
+    "hetpd.core.scheduler", "hetpd.core.block_allocator", "hetpd.core.sequence",
+    "hetpd.models.config", "hetpd.sampling_params", "hetpd.outputs",
+    "hetpd.kv", "hetpd.kv.format", "hetpd.kv.check", "hetpd.kv.plan", "hetpd.kv.state", "hetpd.kv.table",
+    "hetpd.transfer.base", "hetpd.transfer.factory", "hetpd.transfer.tcp", "hetpd.transfer.shm",
+    "hetpd.transfer.inproc", "hetpd.transfer.nixl",
+    "hetpd.ownership.lease", "hetpd.ownership.ledger", "hetpd.ownership.recovery", "hetpd.ownership.messages",
+    "hetpd.bench.traces", "hetpd.bench.workload", "hetpd.bench.prompts", "hetpd.bench.metrics",
+    "hetpd.serve.deploy", "hetpd.serve.openai_protocol",
+    "hetpd.plan.spec", "hetpd.plan.cost",
+]
 
 
 def test_pure_layers_do_not_import_torch() -> None:
