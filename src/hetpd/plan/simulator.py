@@ -1,0 +1,292 @@
+"""A discrete-event simulation of a disaggregated deployment, on the runtime's own decision code.
+
+Each simulated prefill and decode instance runs hetpd's real :class:`~hetpd.core.scheduler.Scheduler`
+and :class:`~hetpd.core.block_allocator.BlockAllocator`; every handoff runs the real lease state
+machines of :mod:`hetpd.ownership` (offer, reserve, transfer, commit, release) with simulated
+time. Only the durations come from the cost model: a step takes what :mod:`hetpd.plan.cost`
+says for its batch, a transfer what the link and the wire format say. Pure Python.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+from hetpd.bench.metrics import SLO, Distribution
+from hetpd.bench.workload import RequestSpec
+from hetpd.core.block_allocator import BlockAllocator
+from hetpd.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from hetpd.core.sequence import Sequence
+from hetpd.ownership import (
+    AdoptBlocks,
+    Admit,
+    CapacityLedger,
+    ConsumerLeases,
+    Ended,
+    FreeBlocks,
+    LeaseConfig,
+    ProducerLeases,
+    ReserveRequest,
+    Send,
+    Side,
+    StartTransfer,
+    Step,
+    TransferOutcome,
+)
+from hetpd.plan.cost import Efficiency, decode_step_time, handoff_time, kv_bytes_per_token, prefill_time
+from hetpd.plan.spec import Accelerator, Link, ModelShape
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    accelerator: Accelerator
+    count: int
+    compute_fmt: str = "bf16"
+    weight_fmt: str = "bf16"
+    kv_fmt: str = "bf16"
+    kv_pool_tokens: int = 200_000
+    max_num_seqs: int = 256
+    max_batch_tokens: int = 8192
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    model: ModelShape
+    prefill: PoolSpec
+    decode: PoolSpec
+    link: Link
+    wire_fmt: str = "bf16"
+    page_tokens: int = 16
+    conversion_gbps: float | None = None
+    efficiency: Efficiency = Efficiency()
+
+
+@dataclass
+class RequestTimes:
+    arrival: float
+    first_token: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    finished: float | None = None
+    handoff_start: float | None = None
+    handoff_end: float | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    @property
+    def tpot(self) -> float | None:
+        if self.first_token is None or len(self.token_times) < 2:
+            return None
+        return (self.token_times[-1] - self.first_token) / (len(self.token_times) - 1)
+
+
+@dataclass(frozen=True)
+class SimResult:
+    requests: tuple[RequestTimes, ...]
+    duration_s: float
+    ttft: Distribution
+    tpot: Distribution
+    goodput: float  # requests per second meeting the SLO
+    throughput: float  # finished requests per second
+    prefill_utilisation: float  # busy fraction, averaged over instances
+    decode_utilisation: float
+    link_utilisation: float
+    peak_transient_bytes: int  # KV held on both sides for handoffs at once (the ledger's peak)
+    binding: str  # the busiest resource: "prefill compute", "decode" or "link"
+    retries: int  # handoffs refused for lack of decode room, prefilled again later
+
+
+class _Instance:
+    def __init__(self, name: str, pool: PoolSpec, page_tokens: int) -> None:
+        blocks = max(1, pool.kv_pool_tokens // page_tokens)
+        self.name = name
+        self.pool = pool
+        self.allocator = BlockAllocator(blocks, page_tokens, enable_prefix_caching=False)
+        self.scheduler = Scheduler(SchedulerConfig(pool.max_num_seqs, pool.max_batch_tokens), self.allocator)
+        self.current: SchedulerOutput | None = None
+        self.busy_time = 0.0
+
+
+class _Simulation:
+    """One run's mutable state; :func:`simulate` is the entry point."""
+
+    def __init__(self, config: SimConfig, requests: Seq[RequestSpec], lease: LeaseConfig | None) -> None:
+        self.cfg = config
+        self.prefill = [_Instance(f"prefill-{i}", config.prefill, config.page_tokens)
+                        for i in range(config.prefill.count)]
+        self.decode = [_Instance(f"decode-{i}", config.decode, config.page_tokens) for i in range(config.decode.count)]
+        self.by_name = {i.name: i for i in self.prefill + self.decode}
+        self.producers, self.consumers = ProducerLeases(lease), ConsumerLeases(lease)
+        self.ledger = CapacityLedger()
+        self.specs = {str(r.index): r for r in requests}
+        self.times = {str(r.index): RequestTimes(r.at or 0.0) for r in requests}
+        self.producer_of: dict[str, _Instance] = {}
+        self.target: dict[str, _Instance] = {}
+        self.attempts: dict[str, int] = {}
+        self.refused: list[str] = []  # handoffs the decode pool had no room for: prefilled again later
+        self.events: list[tuple[float, int, str, str]] = []
+        self.order = itertools.count()
+        self.link_free_at = 0.0
+        self.link_busy = 0.0
+        self.retries = 0
+        for r in requests:
+            self.push(r.at or 0.0, "arrive", str(r.index))
+
+    def push(self, at: float, kind: str, key: str) -> None:
+        heapq.heappush(self.events, (at, next(self.order), kind, key))
+
+    # ------------------------------------------------------------------ the loop
+    def run_until(self, horizon_s: float) -> float:
+        now = 0.0
+        while self.events and self.events[0][0] <= horizon_s:
+            now, _, kind, key = heapq.heappop(self.events)
+            if kind == "arrive":
+                chosen = min(self.prefill, key=lambda p: len(p.scheduler.waiting) + len(p.scheduler.running))
+                spec = self.specs[key]
+                chosen.scheduler.add(Sequence(key, [0] * spec.input_tokens, spec.input_tokens, spec.output_tokens))
+                self.producer_of[key] = chosen
+                self.kick(chosen, now)
+            elif kind == "transfer_done":
+                self.apply(Side.PRODUCER, self.producers.transfer_settled(key, TransferOutcome.COMPLETED, now), now)
+                self.apply(Side.CONSUMER, self.consumers.transfer_settled(key, TransferOutcome.COMPLETED, now), now)
+            elif kind == "step":
+                self.start_step(self.by_name[key], now)
+            elif kind == "step_done":
+                self.finish_step(self.by_name[key], now)
+        return now
+
+    def kick(self, instance: _Instance, now: float) -> None:
+        if instance.current is None and instance.scheduler.has_work:
+            self.push(now, "step", instance.name)
+
+    def start_step(self, inst: _Instance, now: float) -> None:
+        if inst.current is not None:
+            return
+        output = inst.scheduler.schedule()
+        if output.is_empty:
+            return
+        cfg, pool = self.cfg, inst.pool
+        if inst in self.prefill:
+            cost = prefill_time(cfg.model, pool.accelerator, pool.compute_fmt, pool.weight_fmt,
+                                [c.num_tokens for c in output.chunks], cfg.efficiency)
+        else:
+            cost = decode_step_time(cfg.model, pool.accelerator, pool.compute_fmt, pool.weight_fmt, pool.kv_fmt,
+                                    [c.seq.num_tokens for c in output.chunks], cfg.efficiency)
+        inst.current = output
+        inst.busy_time += cost.seconds
+        self.push(now + cost.seconds, "step_done", inst.name)
+
+    def finish_step(self, inst: _Instance, now: float) -> None:
+        output, inst.current = inst.current, None
+        assert output is not None
+        sampling = [c for c in output.chunks if c.samples]  # before on_step_done moves the watermark
+        inst.scheduler.on_step_done(output, {c.seq.seq_id: 0 for c in sampling})
+        for chunk in sampling:
+            request_id, seq = chunk.seq.seq_id, chunk.seq
+            times, spec = self.times[request_id], self.specs[request_id]
+            times.token_times.append(now)
+            if inst in self.prefill:
+                times.first_token = times.first_token or now
+                blocks = inst.scheduler.finish(seq, keep_blocks=True)
+                if spec.output_tokens <= 1:
+                    inst.allocator.free(blocks)
+                    times.finished = now
+                else:
+                    self.offer(request_id, blocks, now)
+            elif seq.num_output_tokens >= spec.output_tokens:
+                inst.scheduler.finish(seq)
+                times.finished = now
+                while self.refused:  # room freed: the refused ones get another go
+                    self.push(now, "arrive", self.refused.pop(0))
+        self.kick(inst, now)
+
+    # ------------------------------------------------------------------ handoffs (the real leases)
+    def offer(self, request_id: str, blocks: list[int], now: float) -> None:
+        epoch = self.attempts.get(request_id, 0) + 1
+        self.attempts[request_id] = epoch
+        nbytes = int(kv_bytes_per_token(self.cfg.model, self.cfg.prefill.kv_fmt) * self.specs[request_id].input_tokens)
+        self.apply(Side.PRODUCER, self.producers.open(request_id, request_id, len(blocks), nbytes, now, epoch), now)
+        self.apply(Side.PRODUCER, self.producers.hold(request_id, blocks, nbytes, now), now)
+
+    def apply(self, side: Side, step: Step, now: float) -> None:
+        """Carry out lease effects. Control messages arrive at once: the link carries only bytes."""
+        self.ledger.apply(side, step.effects)
+        for effect in step.effects:
+            if isinstance(effect, Send):
+                if side is Side.PRODUCER:
+                    self.apply(Side.CONSUMER, self.consumers.receive(effect.message, now), now)
+                else:
+                    self.apply(Side.PRODUCER, self.producers.receive(effect.message, now), now)
+            elif isinstance(effect, Admit):
+                self.admit(effect.offer, now)
+            elif isinstance(effect, StartTransfer) and effect.direction == "send":
+                self.transfer(effect.transfer_id, now)
+            elif isinstance(effect, FreeBlocks):
+                owner = self.producer_of if side is Side.PRODUCER else self.target
+                instance = owner.get(effect.lease.lease_id)
+                if instance is not None:
+                    instance.allocator.free(list(effect.block_ids))
+            elif isinstance(effect, AdoptBlocks):
+                self.commit(effect.request_id, list(effect.block_ids), now)
+            elif isinstance(effect, Ended) and side is Side.PRODUCER and effect.failure is not None:
+                self.retries += 1
+                self.refused.append(effect.request_id)
+
+    def admit(self, offer: ReserveRequest, now: float) -> None:
+        spec = self.specs[offer.request_id]
+        need = -(-spec.input_tokens // self.cfg.page_tokens)
+        room = [d for d in self.decode if d.allocator.num_available() >= need and d.scheduler.can_add_running()]
+        if not room:
+            self.apply(Side.CONSUMER, self.consumers.refuse(offer, "decode pool full", now), now)
+            return
+        chosen = max(room, key=lambda d: d.allocator.num_available())
+        self.target[offer.request_id] = chosen
+        nbytes = int(kv_bytes_per_token(self.cfg.model, self.cfg.decode.kv_fmt) * spec.input_tokens)
+        self.apply(Side.CONSUMER, self.consumers.reserve(offer, chosen.allocator.allocate(need), nbytes, now), now)
+
+    def transfer(self, transfer_id: str, now: float) -> None:
+        request_id = transfer_id.split("@")[0]
+        cfg = self.cfg
+        cost = handoff_time(cfg.model, cfg.wire_fmt, self.specs[request_id].input_tokens, cfg.link, cfg.page_tokens,
+                            conversion_gbps=cfg.conversion_gbps)
+        begin = max(now, self.link_free_at)  # one link, first come first served
+        self.link_free_at = begin + cost.seconds
+        self.link_busy += cost.seconds
+        self.times[request_id].handoff_start = now
+        self.push(self.link_free_at, "transfer_done", transfer_id)
+
+    def commit(self, request_id: str, blocks: list[int], now: float) -> None:
+        spec = self.specs[request_id]
+        seq = Sequence(request_id, [0] * (spec.input_tokens + 1), spec.input_tokens, spec.output_tokens)
+        seq.num_computed_tokens = spec.input_tokens
+        seq.block_table = blocks
+        instance = self.target[request_id]
+        instance.scheduler.add_running(seq)
+        self.times[request_id].handoff_end = now
+        self.kick(instance, now)
+
+
+def simulate(config: SimConfig, requests: Seq[RequestSpec], slo: SLO = SLO(), lease: LeaseConfig | None = None,
+             horizon_s: float = 3600.0) -> SimResult:
+    """Run every request through the deployment; returns latencies, goodput, utilisation, peaks."""
+    sim = _Simulation(config, requests, lease)
+    end = sim.run_until(horizon_s)
+    done = [t for t in sim.times.values() if t.finished is not None]
+    duration = max((t.finished or 0.0) for t in done) if done else end
+    span = max(duration, 1e-9)
+    meets = [t for t in done if (t.ttft or 0.0) <= slo.ttft and (t.tpot or 0.0) <= slo.tpot]
+    utilisation = {
+        "prefill compute": sum(i.busy_time for i in sim.prefill) / (span * len(sim.prefill)),
+        "decode": sum(i.busy_time for i in sim.decode) / (span * len(sim.decode)),
+        "link": sim.link_busy / span,
+    }
+    return SimResult(
+        tuple(sim.times[str(r.index)] for r in requests), duration,
+        Distribution.of([t.ttft for t in done if t.ttft is not None]),
+        Distribution.of([t.tpot for t in done if t.tpot is not None]),
+        len(meets) / span, len(done) / span, utilisation["prefill compute"], utilisation["decode"],
+        utilisation["link"], sim.ledger.snapshot().peak_total_bytes, max(utilisation, key=utilisation.__getitem__),
+        sim.retries)
