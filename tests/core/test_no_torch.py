@@ -14,7 +14,7 @@ PURE_MODULES = [
     "hetpd.ownership.lease", "hetpd.ownership.ledger", "hetpd.ownership.recovery", "hetpd.ownership.messages",
     "hetpd.bench.traces", "hetpd.bench.workload", "hetpd.bench.prompts", "hetpd.bench.metrics",
     "hetpd.serve.deploy", "hetpd.serve.openai_protocol",
-    "hetpd.plan.spec", "hetpd.plan.cost", "hetpd.plan.simulator",
+    "hetpd.plan.spec", "hetpd.plan.cost", "hetpd.plan.simulator", "hetpd.plan.search", "hetpd.plan.scenario",
 ]
 
 

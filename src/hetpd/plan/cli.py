@@ -1,0 +1,66 @@
+"""``hetpd plan scenario.yaml``: search the placements, print the ranked table, write JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from hetpd.plan.scenario import ScenarioError, load_scenario
+from hetpd.plan.search import Evaluation, PlanResult, plan
+from hetpd.plan.spec import CatalogError, load_catalog
+
+
+def _row(e: Evaluation) -> dict[str, Any]:
+    r = e.result
+    return {"candidate": asdict(e.candidate), "describe": e.candidate.describe(), "fits": e.fits, "reason": e.reason,
+            "accelerators": e.accelerators, "goodput": e.goodput, "goodput_per_accelerator": e.goodput_per_accelerator,
+            "ttft_p50_s": r.ttft.p50 if r else None, "tpot_p50_s": r.tpot.p50 if r else None,
+            "binding": r.binding if r else "capacity", "utilisation": None if r is None else
+            {"prefill": r.prefill_utilisation, "decode": r.decode_utilisation, "link": r.link_utilisation},
+            "peak_transient_bytes": r.peak_transient_bytes if r else None}
+
+
+def table(result: PlanResult, top: int) -> str:
+    lines = [f"{'#':>3} {'placement':<78} {'goodput':>8} {'/accel':>7} {'TTFT50':>7} {'TPOT50':>7}  binding  (KV handoff)"]
+    for i, e in enumerate(result.ranked[:top], 1):
+        r = e.result
+        assert r is not None
+        lines.append(f"{i:>3} {e.candidate.describe():<78} {e.goodput:8.2f} {e.goodput_per_accelerator:7.2f} "
+                     f"{1000 * r.ttft.p50:6.0f}ms {1000 * r.tpot.p50:6.1f}ms  {r.binding}  ({e.reason})")
+    if result.rejected:
+        reasons: dict[str, int] = {}
+        for e in result.rejected:
+            reasons[e.reason.split(":")[0]] = reasons.get(e.reason.split(":")[0], 0) + 1
+        lines.append("rejected: " + ", ".join(f"{n} for {why}" for why, n in reasons.items()))
+    lines.append("pareto (accelerators -> goodput): " + ", ".join(f"{e.accelerators} -> {e.goodput:.2f}"
+                                                               for e in result.pareto))
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="hetpd plan", description="search placements for a fleet, model and traffic")
+    p.add_argument("scenario", type=Path)
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--json", type=Path, default=None, help="write every evaluated candidate here")
+    args = p.parse_args(argv)
+    try:
+        scenario = load_scenario(args.scenario)
+        catalog = load_catalog([Path(c) for c in scenario.catalog])
+        result = plan(scenario, catalog, progress=lambda i, n: print(f"\r[plan] {i}/{n} candidates", end="",
+                                                                      file=sys.stderr, flush=True))
+    except (ScenarioError, CatalogError, ValueError) as exc:
+        print(f"hetpd plan: {exc}", file=sys.stderr)
+        return 2
+    print(file=sys.stderr)
+    print(table(result, args.top))
+    if args.json is not None:
+        args.json.write_text(json.dumps({"scenario": scenario.model_dump(mode="json"),
+                                         "ranked": [_row(e) for e in result.ranked],
+                                         "rejected": [_row(e) for e in result.rejected],
+                                         "pareto": [_row(e) for e in result.pareto]}, indent=1))
+        print(f"wrote {args.json}")
+    return 0

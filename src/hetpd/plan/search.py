@@ -1,0 +1,137 @@
+"""Search the placements a fleet allows, simulate each, rank them and say what binds. Pure Python.
+
+A candidate picks an accelerator type and count for the prefill pool and for the decode pool,
+a weight precision per role, the decode side's KV format at rest and the KV format on the wire.
+Candidates that do not fit in memory are rejected with the reason; the rest run through the
+simulator (the runtime's own scheduler, allocator and leases) on the scenario's workload.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from hetpd.bench.metrics import SLO
+from hetpd.bench.workload import RequestSpec, build_requests
+from hetpd.kv.encodings import format_for
+from hetpd.kv.format import ModelFingerprint
+from hetpd.kv.plan import plan_handoff
+from hetpd.plan.cost import kv_bytes_per_token, memory_fit
+from hetpd.plan.scenario import Scenario
+from hetpd.plan.simulator import PoolSpec, SimConfig, SimResult, simulate
+from hetpd.plan.spec import Accelerator, Catalog, ModelShape
+
+# The KV wire/at-rest formats as hetpd KV encodings (what the representation check reasons about).
+KV_ENCODING = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "fp8": "fp8-tensor-f32", "int8": "int8-token-f32",
+               "int4": "int4-g32-f16"}
+PREFILL_BATCH_TOKENS = 8192
+
+
+@dataclass(frozen=True)
+class Candidate:
+    prefill: str
+    prefill_count: int
+    decode: str
+    decode_count: int
+    prefill_weights: str
+    decode_weights: str
+    kv_format: str
+    wire_format: str
+
+    def describe(self) -> str:
+        return (f"P {self.prefill_count}x{self.prefill}[{self.prefill_weights}] -> "
+                f"D {self.decode_count}x{self.decode}[{self.decode_weights}, kv {self.kv_format}] "
+                f"wire {self.wire_format}")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    candidate: Candidate
+    fits: bool
+    reason: str  # why it was rejected, or the representation verdict of its handoff
+    result: SimResult | None = None
+
+    @property
+    def accelerators(self) -> int:
+        return self.candidate.prefill_count + self.candidate.decode_count
+
+    @property
+    def goodput(self) -> float:
+        return 0.0 if self.result is None else self.result.goodput
+
+    @property
+    def goodput_per_accelerator(self) -> float:
+        return self.goodput / self.accelerators
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    ranked: tuple[Evaluation, ...]  # best goodput per accelerator first
+    rejected: tuple[Evaluation, ...]
+    pareto: tuple[Evaluation, ...]  # no other candidate has more goodput with as few accelerators
+
+
+def candidates(scenario: Scenario) -> Iterator[Candidate]:
+    counts = {entry.accelerator: entry.count for entry in scenario.fleet}
+    space = scenario.search
+    sizes = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= space.max_instances_per_pool]
+    for p_acc, d_acc in itertools.product(counts, repeat=2):
+        for p_n, d_n in itertools.product(sizes, repeat=2):
+            used = p_n + d_n if p_acc == d_acc else None
+            if p_n > counts[p_acc] or d_n > counts[d_acc] or (used is not None and used > counts[p_acc]):
+                continue
+            for p_w, d_w, kv, wire in itertools.product(space.weight_formats, space.weight_formats, space.kv_formats,
+                                                        space.wire_formats):
+                if kv in KV_ENCODING and wire in KV_ENCODING:
+                    yield Candidate(p_acc, p_n, d_acc, d_n, p_w, d_w, kv, wire)
+
+
+def evaluate(candidate: Candidate, scenario: Scenario, catalog: Catalog, model: ModelShape,
+             requests: list[RequestSpec]) -> Evaluation:
+    c = candidate
+    p_acc, d_acc = catalog.accelerator(c.prefill), catalog.accelerator(c.decode)
+    longest = max(r.input_tokens + r.output_tokens for r in requests)
+    p_fit = memory_fit(model, p_acc, c.prefill_weights, "bf16", PREFILL_BATCH_TOKENS)
+    if not p_fit.fits:
+        return Evaluation(c, False, "prefill capacity: " + p_fit.reason)
+    d_weights = memory_fit(model, d_acc, c.decode_weights, c.kv_format, 0)
+    kv_tokens = int(d_weights.free_bytes // kv_bytes_per_token(model, c.kv_format)) if d_weights.fits else 0
+    if kv_tokens < longest:
+        why = d_weights.reason or f"only {kv_tokens} KV tokens fit beside the weights; the longest request needs {longest}"
+        return Evaluation(c, False, "decode capacity: " + why)
+    fingerprint = ModelFingerprint(model.id, model.layers, model.num_kv_heads, model.head_dim, "-", "-", "-")
+    handoff = plan_handoff(format_for(fingerprint, "bf16"), format_for(fingerprint, KV_ENCODING[c.kv_format]),
+                           wire=format_for(fingerprint, KV_ENCODING[c.wire_format]))
+    config = SimConfig(
+        model,
+        PoolSpec(p_acc, c.prefill_count, _compute(p_acc, c.prefill_weights), c.prefill_weights, "bf16",
+                 kv_pool_tokens=PREFILL_BATCH_TOKENS * 4),
+        PoolSpec(d_acc, c.decode_count, _compute(d_acc, c.decode_weights), c.decode_weights, c.kv_format,
+                 kv_pool_tokens=kv_tokens),
+        catalog.link(scenario.link), wire_fmt=c.wire_format,
+        # A fused conversion kernel reads and writes the KV once at about a quarter of peak bandwidth.
+        conversion_gbps=None if handoff.site == "none" else d_acc.memory_tbps * 1e3 / 4,
+    )
+    slo = SLO(ttft=scenario.slo.ttft_ms / 1000, tpot=scenario.slo.tpot_ms / 1000)
+    return Evaluation(c, True, handoff.verdict.kind.value, simulate(config, requests, slo))
+
+
+def _compute(acc: Accelerator, weights: str) -> str:
+    """Matmuls run in the weight format where the hardware has units for it, else in bf16."""
+    return weights if acc.runs_natively(weights) else "bf16"
+
+
+def plan(scenario: Scenario, catalog: Catalog, progress: Callable[[int, int], None] | None = None) -> PlanResult:
+    model = catalog.model(scenario.model)
+    requests = build_requests(scenario.workload)
+    everything = list(candidates(scenario))
+    done: list[Evaluation] = []
+    for i, candidate in enumerate(everything):
+        done.append(evaluate(candidate, scenario, catalog, model, requests))
+        if progress is not None:
+            progress(i + 1, len(everything))
+    ok = sorted((e for e in done if e.fits), key=lambda e: (-e.goodput_per_accelerator, e.accelerators))
+    pareto = [e for e in ok if not any(o.goodput > e.goodput and o.accelerators <= e.accelerators for o in ok)]
+    pareto = sorted({(e.accelerators, round(e.goodput, 6)): e for e in pareto}.values(), key=lambda e: e.accelerators)
+    return PlanResult(tuple(ok), tuple(e for e in done if not e.fits), tuple(pareto))

@@ -1,0 +1,63 @@
+"""The placement search: capacity rejections with reasons, a ranking, a Pareto frontier, the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from hetpd.plan.scenario import ScenarioError, parse_scenario
+from hetpd.plan.search import plan
+from hetpd.plan.spec import load_catalog
+
+SMALL: dict[str, Any] = {
+    "name": "small", "model": "llama_3_1_70b",
+    "fleet": [{"accelerator": "nvidia_h100_sxm", "count": 2}, {"accelerator": "nvidia_h200_sxm", "count": 2}],
+    "link": "roce_400g",
+    "workload": {"arrival": {"kind": "poisson", "rate": 4}, "num_requests": 30,
+                 "lengths": {"kind": "uniform", "input": [256, 1024], "output": [16, 64]}},
+    "slo": {"ttft_ms": 2000, "tpot_ms": 100},
+    "search": {"weight_formats": ["bf16", "fp8"], "kv_formats": ["fp8"], "wire_formats": ["fp8"],
+               "max_instances_per_pool": 1},
+}
+
+
+def test_the_search_ranks_fits_and_explains_rejections() -> None:
+    result = plan(parse_scenario(SMALL), load_catalog())
+    # 70B in bf16 (141 GB) fits neither an 80 GB H100 nor leaves room on a 141 GB H200: rejected, with the reason.
+    assert any("capacity" in e.reason and e.candidate.prefill_weights == "bf16" for e in result.rejected)
+    assert result.ranked and all(e.candidate.prefill_weights == "fp8" or e.candidate.prefill == "nvidia_h200_sxm"
+                                 for e in result.ranked)
+    per_accel = [e.goodput_per_accelerator for e in result.ranked]
+    assert per_accel == sorted(per_accel, reverse=True)
+    for e in result.pareto:
+        assert not any(o.goodput > e.goodput and o.accelerators <= e.accelerators for o in result.ranked)
+    best = result.ranked[0].result
+    assert best is not None and best.ttft.count == 30 and best.binding in ("prefill compute", "decode", "link")
+
+
+def test_bad_scenarios_name_the_field() -> None:
+    with pytest.raises(ScenarioError, match="fleet.0.count"):
+        parse_scenario({**SMALL, "fleet": [{"accelerator": "nvidia_h100_sxm", "count": 0}]})
+    with pytest.raises(ScenarioError, match="search.wire_formats.0"):
+        parse_scenario({**SMALL, "search": {"wire_formats": ["fp6"]}})
+
+
+@pytest.mark.timeout(300)
+def test_the_command_line(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(SMALL))
+    out = tmp_path / "plan.json"
+    done = subprocess.run([sys.executable, "-m", "hetpd.cli", "plan", str(path), "--top", "3", "--json", str(out)],
+                          capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stderr
+    assert "pareto" in done.stdout and "rejected:" in done.stdout and out.exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**SMALL, "link": "pigeon"}))
+    done = subprocess.run([sys.executable, "-m", "hetpd.cli", "plan", str(bad)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "unknown link 'pigeon'" in done.stderr
