@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from hetpd.plan.scenario import ScenarioError, load_scenario
-from hetpd.plan.search import Evaluation, PlanResult, plan
+from hetpd.bench.workload import build_requests
+from hetpd.plan.explain import explain
+from hetpd.plan.search import Evaluation, PlanResult, build_config, plan, scenario_slo
 from hetpd.plan.spec import CatalogError, load_catalog
 
 
@@ -57,10 +59,23 @@ def main(argv: list[str]) -> int:
         return 2
     print(file=sys.stderr)
     print(table(result, args.top))
+    explained = []
+    model = catalog.model(scenario.model)
+    requests = build_requests(scenario.workload)
+    for e in result.ranked[: min(3, args.top)]:
+        built = build_config(e.candidate, scenario, catalog, model, requests)
+        if isinstance(built, Evaluation):
+            continue
+        why = explain(built[0], requests, scenario_slo(scenario))
+        gains = ", ".join(f"{axis} +{100 * g:.0f}%" for axis, g in sorted(why.gains.items(), key=lambda kv: -kv[1]))
+        print(f"{e.candidate.describe()}\n    binding: {why.binding}  (goodput gained when doubled: {gains})")
+        explained.append({"candidate": e.candidate.describe(), "binding": why.binding, "gains": why.gains,
+                          "coupling": why.coupling})
     if args.json is not None:
         args.json.write_text(json.dumps({"scenario": scenario.model_dump(mode="json"),
                                          "ranked": [_row(e) for e in result.ranked],
                                          "rejected": [_row(e) for e in result.rejected],
-                                         "pareto": [_row(e) for e in result.pareto]}, indent=1))
+                                         "pareto": [_row(e) for e in result.pareto],
+                                         "explained": explained}, indent=1))
         print(f"wrote {args.json}")
     return 0

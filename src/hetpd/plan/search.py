@@ -89,6 +89,20 @@ def candidates(scenario: Scenario) -> Iterator[Candidate]:
 
 def evaluate(candidate: Candidate, scenario: Scenario, catalog: Catalog, model: ModelShape,
              requests: list[RequestSpec]) -> Evaluation:
+    built = build_config(candidate, scenario, catalog, model, requests)
+    if isinstance(built, Evaluation):
+        return built
+    config, verdict = built
+    return Evaluation(candidate, True, verdict, simulate(config, requests, scenario_slo(scenario)))
+
+
+def scenario_slo(scenario: Scenario) -> SLO:
+    return SLO(ttft=scenario.slo.ttft_ms / 1000, tpot=scenario.slo.tpot_ms / 1000)
+
+
+def build_config(candidate: Candidate, scenario: Scenario, catalog: Catalog, model: ModelShape,
+                 requests: list[RequestSpec]) -> tuple[SimConfig, str] | Evaluation:
+    """The simulator's view of a candidate, or its rejection (capacity) with the reason."""
     c = candidate
     p_acc, d_acc = catalog.accelerator(c.prefill), catalog.accelerator(c.decode)
     longest = max(r.input_tokens + r.output_tokens for r in requests)
@@ -113,8 +127,7 @@ def evaluate(candidate: Candidate, scenario: Scenario, catalog: Catalog, model: 
         # A fused conversion kernel reads and writes the KV once at about a quarter of peak bandwidth.
         conversion_gbps=None if handoff.site == "none" else d_acc.memory_tbps * 1e3 / 4,
     )
-    slo = SLO(ttft=scenario.slo.ttft_ms / 1000, tpot=scenario.slo.tpot_ms / 1000)
-    return Evaluation(c, True, handoff.verdict.kind.value, simulate(config, requests, slo))
+    return config, handoff.verdict.kind.value
 
 
 def _compute(acc: Accelerator, weights: str) -> str:

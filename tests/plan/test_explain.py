@@ -1,0 +1,31 @@
+"""The binding constraint and the coupling matrix, found by relieving one axis at a time."""
+
+from __future__ import annotations
+
+from hetpd.bench.metrics import SLO
+from hetpd.bench.workload import build_requests, parse_workload
+from hetpd.plan.explain import AXES, explain
+from hetpd.plan.simulator import PoolSpec, SimConfig
+from hetpd.plan.spec import load_catalog
+
+CATALOG = load_catalog()
+H100 = CATALOG.accelerator("nvidia_h100_sxm")
+LLAMA8 = CATALOG.model("llama_3_1_8b")
+
+
+def requests(rate: float, inputs: list[int], outputs: list[int]) -> list:  # type: ignore[type-arg]
+    return build_requests(parse_workload({"arrival": {"kind": "poisson", "rate": rate}, "num_requests": 120,
+                                          "lengths": {"kind": "uniform", "input": inputs, "output": outputs}}))
+
+
+def test_a_slow_link_is_the_binding_constraint() -> None:
+    config = SimConfig(LLAMA8, PoolSpec(H100, 1), PoolSpec(H100, 1), CATALOG.link("tcp_25gbe"), wire_fmt="bf16")
+    why = explain(config, requests(8.0, [2048, 4096], [16, 32]), SLO(ttft=1.0, tpot=0.1))
+    assert why.binding == "link", why.gains
+    assert set(why.coupling) == set(AXES) and all(why.coupling[a][a] == 0.0 for a in AXES)
+
+
+def test_long_prompts_at_a_high_rate_bind_on_prefill_compute() -> None:
+    config = SimConfig(LLAMA8, PoolSpec(H100, 1), PoolSpec(H100, 2), CATALOG.link("nvlink4_hopper"))
+    why = explain(config, requests(40.0, [6000, 8000], [8, 16]), SLO(ttft=1.0, tpot=0.1))
+    assert why.binding == "prefill compute", why.gains
