@@ -52,10 +52,12 @@ def test_the_command_line(tmp_path: Path) -> None:
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(SMALL))
     out = tmp_path / "plan.json"
-    done = subprocess.run([sys.executable, "-m", "hetpd.cli", "plan", str(path), "--top", "3", "--json", str(out)],
+    done = subprocess.run([sys.executable, "-m", "hetpd.cli", "plan", str(path), "--top", "3", "--json", str(out),
+                           "--report", str(tmp_path / "report")],
                           capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stderr
-    assert "pareto" in done.stdout and "rejected:" in done.stdout and out.exists()
+    assert "pareto" in done.stdout and "rejected:" in done.stdout and "binding:" in done.stdout and out.exists()
+    assert (tmp_path / "report" / "plan.png").stat().st_size > 10_000 and (tmp_path / "report" / "plan.html").exists()
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**SMALL, "link": "pigeon"}))
     done = subprocess.run([sys.executable, "-m", "hetpd.cli", "plan", str(bad)], capture_output=True, text=True,

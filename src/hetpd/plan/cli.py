@@ -48,6 +48,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("scenario", type=Path)
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--json", type=Path, default=None, help="write every evaluated candidate here")
+    p.add_argument("--report", type=Path, default=None, help="write plan.png and plan.html into this folder")
     args = p.parse_args(argv)
     try:
         scenario = load_scenario(args.scenario)
@@ -59,7 +60,8 @@ def main(argv: list[str]) -> int:
         return 2
     print(file=sys.stderr)
     print(table(result, args.top))
-    explained = []
+    explained: list[dict[str, Any]] = []
+    coupling: dict[str, dict[str, float]] | None = None
     model = catalog.model(scenario.model)
     requests = build_requests(scenario.workload)
     for e in result.ranked[: min(3, args.top)]:
@@ -67,10 +69,17 @@ def main(argv: list[str]) -> int:
         if isinstance(built, Evaluation):
             continue
         why = explain(built[0], requests, scenario_slo(scenario))
+        coupling = coupling or why.coupling
         gains = ", ".join(f"{axis} +{100 * g:.0f}%" for axis, g in sorted(why.gains.items(), key=lambda kv: -kv[1]))
         print(f"{e.candidate.describe()}\n    binding: {why.binding}  (goodput gained when doubled: {gains})")
         explained.append({"candidate": e.candidate.describe(), "binding": why.binding, "gains": why.gains,
                           "coupling": why.coupling})
+    if args.report is not None:
+        from hetpd.plan.report import draw, write_html
+
+        fleet = [catalog.accelerator(f.accelerator) for f in scenario.fleet]
+        png = draw(result, fleet, model, requests, coupling, args.report)
+        print(f"wrote {write_html(png, table(result, args.top), explained, args.report)} and {png}")
     if args.json is not None:
         args.json.write_text(json.dumps({"scenario": scenario.model_dump(mode="json"),
                                          "ranked": [_row(e) for e in result.ranked],
