@@ -27,7 +27,7 @@ def _row(e: Evaluation) -> dict[str, Any]:
 
 
 def table(result: PlanResult, top: int) -> str:
-    lines = [f"{'#':>3} {'placement':<78} {'goodput':>8} {'/accel':>7} {'TTFT50':>7} {'TPOT50':>7}  binding  (KV handoff)"]
+    lines = [f"{'#':>3} {'placement':<78} {'goodput':>8} {'/accel':>7} {'TTFT50':>7} {'TPOT50':>7}  busiest  (KV handoff)"]
     for i, e in enumerate(result.ranked[:top], 1):
         r = e.result
         assert r is not None
