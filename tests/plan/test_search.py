@@ -63,3 +63,12 @@ def test_the_command_line(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "hetpd.cli", "plan", str(bad)], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2 and "unknown link 'pigeon'" in done.stderr
+
+
+def test_tensor_parallelism_makes_a_big_model_fit() -> None:
+    scenario = parse_scenario({**SMALL, "fleet": [{"accelerator": "nvidia_h100_sxm", "count": 4}],
+                               "search": {**SMALL["search"], "weight_formats": ["bf16"], "max_tensor_parallel": 2}})
+    result = plan(scenario, load_catalog())
+    assert result.ranked and all(e.candidate.prefill_tp == 2 and e.candidate.decode_tp == 2 for e in result.ranked)
+    assert all(e.accelerators == 4 for e in result.ranked)
+    assert any(e.candidate.prefill_tp == 1 and "capacity" in e.reason for e in result.rejected)

@@ -34,6 +34,7 @@ class SearchSpace(_Strict):
     kv_formats: list[Format] = ["bf16", "fp8"]  # decode's KV at rest
     wire_formats: list[Format] = ["bf16", "fp8", "int4"]  # KV on the link
     max_instances_per_pool: int = Field(8, ge=1)
+    max_tensor_parallel: int = Field(1, ge=1, le=8)
 
 
 class Scenario(_Strict):

@@ -8,7 +8,9 @@ simulator (the runtime's own scheduler, allocator and leases) on the scenario's 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -38,10 +40,15 @@ class Candidate:
     decode_weights: str
     kv_format: str
     wire_format: str
+    prefill_tp: int = 1  # accelerators per prefill instance (tensor parallel)
+    decode_tp: int = 1
 
     def describe(self) -> str:
-        return (f"P {self.prefill_count}x{self.prefill}[{self.prefill_weights}] -> "
-                f"D {self.decode_count}x{self.decode}[{self.decode_weights}, kv {self.kv_format}] "
+        def pool(n: int, tp: int, acc: str) -> str:
+            return f"{n}x{acc}" if tp == 1 else f"{n}x(TP{tp} {acc})"
+
+        return (f"P {pool(self.prefill_count, self.prefill_tp, self.prefill)}[{self.prefill_weights}] -> "
+                f"D {pool(self.decode_count, self.decode_tp, self.decode)}[{self.decode_weights}, kv {self.kv_format}] "
                 f"wire {self.wire_format}")
 
 
@@ -54,7 +61,8 @@ class Evaluation:
 
     @property
     def accelerators(self) -> int:
-        return self.candidate.prefill_count + self.candidate.decode_count
+        c = self.candidate
+        return c.prefill_count * c.prefill_tp + c.decode_count * c.decode_tp
 
     @property
     def goodput(self) -> float:
@@ -76,15 +84,16 @@ def candidates(scenario: Scenario) -> Iterator[Candidate]:
     counts = {entry.accelerator: entry.count for entry in scenario.fleet}
     space = scenario.search
     sizes = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= space.max_instances_per_pool]
+    tps = [t for t in (1, 2, 4, 8) if t <= space.max_tensor_parallel]
     for p_acc, d_acc in itertools.product(counts, repeat=2):
-        for p_n, d_n in itertools.product(sizes, repeat=2):
-            used = p_n + d_n if p_acc == d_acc else None
-            if p_n > counts[p_acc] or d_n > counts[d_acc] or (used is not None and used > counts[p_acc]):
+        for p_n, d_n, p_tp, d_tp in itertools.product(sizes, sizes, tps, tps):
+            p_used, d_used = p_n * p_tp, d_n * d_tp
+            if p_used > counts[p_acc] or d_used > counts[d_acc] or (p_acc == d_acc and p_used + d_used > counts[p_acc]):
                 continue
             for p_w, d_w, kv, wire in itertools.product(space.weight_formats, space.weight_formats, space.kv_formats,
                                                         space.wire_formats):
                 if kv in KV_ENCODING and wire in KV_ENCODING:
-                    yield Candidate(p_acc, p_n, d_acc, d_n, p_w, d_w, kv, wire)
+                    yield Candidate(p_acc, p_n, d_acc, d_n, p_w, d_w, kv, wire, p_tp, d_tp)
 
 
 def evaluate(candidate: Candidate, scenario: Scenario, catalog: Catalog, model: ModelShape,
@@ -104,7 +113,8 @@ def build_config(candidate: Candidate, scenario: Scenario, catalog: Catalog, mod
                  requests: list[RequestSpec]) -> tuple[SimConfig, str] | Evaluation:
     """The simulator's view of a candidate, or its rejection (capacity) with the reason."""
     c = candidate
-    p_acc, d_acc = catalog.accelerator(c.prefill), catalog.accelerator(c.decode)
+    p_acc = tensor_parallel(catalog.accelerator(c.prefill), c.prefill_tp)
+    d_acc = tensor_parallel(catalog.accelerator(c.decode), c.decode_tp)
     longest = max(r.input_tokens + r.output_tokens for r in requests)
     p_fit = memory_fit(model, p_acc, c.prefill_weights, "bf16", PREFILL_BATCH_TOKENS)
     if not p_fit.fits:
@@ -128,6 +138,16 @@ def build_config(candidate: Candidate, scenario: Scenario, catalog: Catalog, mod
         conversion_gbps=None if handoff.site == "none" else d_acc.memory_tbps * 1e3 / 4,
     )
     return config, handoff.verdict.kind.value
+
+
+def tensor_parallel(acc: Accelerator, tp: int, scaling: float = 0.9) -> Accelerator:
+    """``tp`` accelerators acting as one instance: memory adds up; compute and bandwidth add up
+    less ``scaling`` per doubling (the all-reduces of every layer)."""
+    if tp == 1:
+        return acc
+    factor = tp * scaling ** math.log2(tp)
+    return dataclasses.replace(acc, id=f"{acc.id}x{tp}", peak_tflops={k: v * factor for k, v in acc.peak_tflops.items()},
+                               memory_gb=acc.memory_gb * tp, memory_tbps=acc.memory_tbps * factor)
 
 
 def _compute(acc: Accelerator, weights: str) -> str:
