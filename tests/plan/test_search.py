@@ -72,3 +72,22 @@ def test_tensor_parallelism_makes_a_big_model_fit() -> None:
     assert result.ranked and all(e.candidate.prefill_tp == 2 and e.candidate.decode_tp == 2 for e in result.ranked)
     assert all(e.accelerators == 4 for e in result.ranked)
     assert any(e.candidate.prefill_tp == 1 and "capacity" in e.reason for e in result.rejected)
+
+
+def test_the_emitted_deployment_is_one_hetpd_serve_accepts() -> None:
+    from hetpd.plan.emit import deployment_for
+    from hetpd.plan.search import Candidate
+    from hetpd.serve.deploy import parse_deployment
+
+    catalog = load_catalog()
+    exact = Candidate("nvidia_h100_sxm", 2, "nvidia_h200_sxm", 1, "bf16", "bf16", "fp8", "fp8")
+    deploy, notes = deployment_for(exact, catalog, "roce_400g", "/models/llama")
+    parsed = parse_deployment(deploy)
+    assert [(p.role, p.count, p.kv_cache_dtype, p.transport) for p in parsed.pools] == [
+        ("prefill", 2, "bfloat16", "tcp"), ("decode", 1, "fp8_e4m3", "tcp")]
+    assert notes == []
+    approximate = Candidate("amd_mi300x", 1, "nvidia_h100_sxm", 1, "fp8", "int8", "int4", "int4", 2, 1)
+    deploy, notes = deployment_for(approximate, catalog, "nvlink4_hopper")
+    parse_deployment(deploy)
+    assert any("fp8 weights" in n for n in notes) and any("int4 KV" in n for n in notes)
+    assert any("tensor parallel 2" in n for n in notes) and any("no AMD backend" in n for n in notes)

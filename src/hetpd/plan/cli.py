@@ -49,6 +49,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--json", type=Path, default=None, help="write every evaluated candidate here")
     p.add_argument("--report", type=Path, default=None, help="write plan.png and plan.html into this folder")
+    p.add_argument("--emit-deploy", type=Path, default=None, help="write the best placement's deployment file here")
+    p.add_argument("--model-path", default=None, help="HF folder to put in the emitted deployment file")
     args = p.parse_args(argv)
     try:
         scenario = load_scenario(args.scenario)
@@ -80,6 +82,16 @@ def main(argv: list[str]) -> int:
         fleet = [catalog.accelerator(f.accelerator) for f in scenario.fleet]
         png = draw(result, fleet, model, requests, coupling, args.report)
         print(f"wrote {write_html(png, table(result, args.top), explained, args.report)} and {png}")
+    if args.emit_deploy is not None and result.ranked:
+        import yaml
+
+        from hetpd.plan.emit import deployment_for
+
+        deploy, notes = deployment_for(result.ranked[0].candidate, catalog, scenario.link, args.model_path)
+        header = "".join(f"# note: {n}\n" for n in notes)
+        args.emit_deploy.write_text(f"# hetpd plan: {result.ranked[0].candidate.describe()}\n{header}"
+                                    + yaml.safe_dump(deploy, sort_keys=False))
+        print(f"wrote {args.emit_deploy}" + (f" ({len(notes)} notes on what hetpd runs instead)" if notes else ""))
     if args.json is not None:
         args.json.write_text(json.dumps({"scenario": scenario.model_dump(mode="json"),
                                          "ranked": [_row(e) for e in result.ranked],
