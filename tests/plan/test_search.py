@@ -91,3 +91,25 @@ def test_the_emitted_deployment_is_one_hetpd_serve_accepts() -> None:
     parse_deployment(deploy)
     assert any("fp8 weights" in n for n in notes) and any("int4 KV" in n for n in notes)
     assert any("tensor parallel 2" in n for n in notes) and any("no AMD backend" in n for n in notes)
+
+
+def test_ranking_per_dollar_and_per_kilowatt(tmp_path: Path) -> None:
+    prices = tmp_path / "prices.yaml"
+    base = load_catalog()
+    entries = []
+    for ident, price in (("nvidia_h100_sxm", 2.0), ("nvidia_h200_sxm", 6.0)):
+        acc = base.accelerator(ident)
+        entries.append({"id": acc.id, "name": acc.name, "vendor": acc.vendor, "peak_tflops": acc.peak_tflops,
+                        "memory_gb": acc.memory_gb, "memory_tbps": acc.memory_tbps, "tdp_w": acc.tdp_w,
+                        "price_per_hour": price, "confidence": "medium", "sources": ["our contract"]})
+    prices.write_text(yaml.safe_dump({"accelerators": entries}))
+    catalog = load_catalog([prices])
+    scenario = parse_scenario({**SMALL, "model": "llama_3_1_8b"})
+    by_cost = plan(scenario, catalog, rank_by="cost")
+    per_dollar = [e.goodput / (e.cost_per_hour(catalog) or 1) for e in by_cost.ranked]
+    assert per_dollar == sorted(per_dollar, reverse=True)
+    by_power = plan(scenario, catalog, rank_by="power")
+    per_kw = [e.goodput / (e.power_kw(catalog) or 1) for e in by_power.ranked]
+    assert per_kw == sorted(per_kw, reverse=True)
+    with pytest.raises(ValueError, match="rank_by 'luck'"):
+        plan(scenario, catalog, rank_by="luck")

@@ -47,6 +47,8 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="hetpd plan", description="search placements for a fleet, model and traffic")
     p.add_argument("scenario", type=Path)
     p.add_argument("--top", type=int, default=10)
+    p.add_argument("--rank-by", choices=["accelerator", "cost", "power"], default="accelerator",
+                   help="goodput per accelerator, per $/h (needs price_per_hour in the catalog) or per kW of TDP")
     p.add_argument("--json", type=Path, default=None, help="write every evaluated candidate here")
     p.add_argument("--report", type=Path, default=None, help="write plan.png and plan.html into this folder")
     p.add_argument("--emit-deploy", type=Path, default=None, help="write the best placement's deployment file here")
@@ -56,7 +58,8 @@ def main(argv: list[str]) -> int:
         scenario = load_scenario(args.scenario)
         catalog = load_catalog([Path(c) for c in scenario.catalog])
         result = plan(scenario, catalog, progress=lambda i, n: print(f"\r[plan] {i}/{n} candidates", end="",
-                                                                      file=sys.stderr, flush=True))
+                                                                      file=sys.stderr, flush=True),
+                      rank_by=args.rank_by)
     except (ScenarioError, CatalogError, ValueError) as exc:
         print(f"hetpd plan: {exc}", file=sys.stderr)
         return 2

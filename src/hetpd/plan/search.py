@@ -72,6 +72,23 @@ class Evaluation:
     def goodput_per_accelerator(self) -> float:
         return self.goodput / self.accelerators
 
+    def cost_per_hour(self, catalog: Catalog) -> float | None:
+        """Summed price of the accelerators used, when every one of them has a price in the catalog."""
+        c = self.candidate
+        prices = [catalog.accelerator(c.prefill).price_per_hour, catalog.accelerator(c.decode).price_per_hour]
+        if any(p is None for p in prices):
+            return None
+        p_price, d_price = (float(p) for p in prices)  # type: ignore[arg-type]
+        return c.prefill_count * c.prefill_tp * p_price + c.decode_count * c.decode_tp * d_price
+
+    def power_kw(self, catalog: Catalog) -> float | None:
+        c = self.candidate
+        tdps = [catalog.accelerator(c.prefill).tdp_w, catalog.accelerator(c.decode).tdp_w]
+        if any(t is None for t in tdps):
+            return None
+        p_tdp, d_tdp = (float(t) for t in tdps)  # type: ignore[arg-type]
+        return (c.prefill_count * c.prefill_tp * p_tdp + c.decode_count * c.decode_tp * d_tdp) / 1000
+
 
 @dataclass(frozen=True)
 class PlanResult:
@@ -155,7 +172,12 @@ def _compute(acc: Accelerator, weights: str) -> str:
     return weights if acc.runs_natively(weights) else "bf16"
 
 
-def plan(scenario: Scenario, catalog: Catalog, progress: Callable[[int, int], None] | None = None) -> PlanResult:
+def plan(scenario: Scenario, catalog: Catalog, progress: Callable[[int, int], None] | None = None,
+         rank_by: str = "accelerator") -> PlanResult:
+    """``rank_by``: goodput per "accelerator", per "cost" (price per hour, from the catalog) or per
+    "power" (kW of TDP). Placements without the figure rank last."""
+    if rank_by not in ("accelerator", "cost", "power"):
+        raise ValueError(f"rank_by {rank_by!r}: choose accelerator, cost or power")
     model = catalog.model(scenario.model)
     requests = build_requests(scenario.workload)
     everything = list(candidates(scenario))
@@ -164,7 +186,13 @@ def plan(scenario: Scenario, catalog: Catalog, progress: Callable[[int, int], No
         done.append(evaluate(candidate, scenario, catalog, model, requests))
         if progress is not None:
             progress(i + 1, len(everything))
-    ok = sorted((e for e in done if e.fits), key=lambda e: (-e.goodput_per_accelerator, e.accelerators))
+    def score(e: Evaluation) -> float:
+        if rank_by == "accelerator":
+            return e.goodput_per_accelerator
+        denominator = e.cost_per_hour(catalog) if rank_by == "cost" else e.power_kw(catalog)
+        return -1.0 if not denominator else e.goodput / denominator
+
+    ok = sorted((e for e in done if e.fits), key=lambda e: (-score(e), e.accelerators))
     pareto = [e for e in ok if not any(o.goodput > e.goodput and o.accelerators <= e.accelerators for o in ok)]
     pareto = sorted({(e.accelerators, round(e.goodput, 6)): e for e in pareto}.values(), key=lambda e: e.accelerators)
     return PlanResult(tuple(ok), tuple(e for e in done if not e.fits), tuple(pareto))
