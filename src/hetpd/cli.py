@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("worker", help="run one worker that joins a running router (see `hetpd worker --help`)",
                         add_help=False)
 
+    commands.add_parser("profile", help="measure this machine and the engine; write a calibration file for plans",
+                        add_help=False)
     commands.add_parser("plan", help="search heterogeneous placements for a scenario (see `hetpd plan --help`)",
                         add_help=False)
     commands.add_parser("bench", help="load-test any OpenAI-compatible server (see `hetpd bench --help`)",
@@ -72,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["profile"]:
+        from hetpd.plan.profile import main as profile_main
+
+        return profile_main(argv[1:])
     if argv[:1] == ["plan"]:
         from hetpd.plan.cli import main as plan_main
 

@@ -15,7 +15,7 @@ PURE_MODULES = [
     "hetpd.bench.traces", "hetpd.bench.workload", "hetpd.bench.prompts", "hetpd.bench.metrics",
     "hetpd.serve.deploy", "hetpd.serve.openai_protocol",
     "hetpd.plan.spec", "hetpd.plan.cost", "hetpd.plan.simulator", "hetpd.plan.search", "hetpd.plan.scenario",
-    "hetpd.plan.explain", "hetpd.plan.emit",
+    "hetpd.plan.explain", "hetpd.plan.emit", "hetpd.plan.profile",
 ]
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from hetpd.plan.scenario import ScenarioError, load_scenario
 from hetpd.bench.workload import build_requests
+from hetpd.plan.cost import Efficiency, load_efficiency
 from hetpd.plan.explain import explain
 from hetpd.plan.search import Evaluation, PlanResult, build_config, plan, scenario_slo
 from hetpd.plan.spec import CatalogError, load_catalog
@@ -56,7 +57,8 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     try:
         scenario = load_scenario(args.scenario)
-        catalog = load_catalog([Path(c) for c in scenario.catalog])
+        extra = [Path(c) for c in scenario.catalog] + ([Path(scenario.calibration)] if scenario.calibration else [])
+        catalog = load_catalog(extra)
         result = plan(scenario, catalog, progress=lambda i, n: print(f"\r[plan] {i}/{n} candidates", end="",
                                                                       file=sys.stderr, flush=True),
                       rank_by=args.rank_by)
@@ -70,7 +72,8 @@ def main(argv: list[str]) -> int:
     model = catalog.model(scenario.model)
     requests = build_requests(scenario.workload)
     for e in result.ranked[: min(3, args.top)]:
-        built = build_config(e.candidate, scenario, catalog, model, requests)
+        efficiency = load_efficiency(scenario.calibration) if scenario.calibration else Efficiency()
+        built = build_config(e.candidate, scenario, catalog, model, requests, efficiency)
         if isinstance(built, Evaluation):
             continue
         why = explain(built[0], requests, scenario_slo(scenario))

@@ -46,6 +46,7 @@ class Scenario(_Strict):
     slo: SLOConfig = SLOConfig()
     search: SearchSpace = SearchSpace()
     catalog: list[str] = []  # extra catalog YAML files (your accelerators, prices, links)
+    calibration: str | None = None  # a `hetpd profile` file: its accelerator joins the catalog, its efficiencies apply
 
 
 class ScenarioError(ValueError):
@@ -67,6 +68,8 @@ def load_scenario(path: str | Path) -> Scenario:
         raise ScenarioError(f"{path}: cannot read the scenario: {exc}") from None
     if isinstance(raw, dict):  # relative catalog and trace paths are taken from the scenario's folder
         raw["catalog"] = [str((path.parent / p).resolve()) for p in raw.get("catalog") or []]
+        if raw.get("calibration"):
+            raw["calibration"] = str((path.parent / raw["calibration"]).resolve())
         trace = (raw.get("workload") or {}).get("trace")
         if isinstance(trace, dict) and "path" in trace:
             trace["path"] = str((path.parent / trace["path"]).resolve())

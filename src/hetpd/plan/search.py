@@ -19,7 +19,7 @@ from hetpd.bench.workload import RequestSpec, build_requests
 from hetpd.kv.encodings import format_for
 from hetpd.kv.format import ModelFingerprint
 from hetpd.kv.plan import plan_handoff
-from hetpd.plan.cost import kv_bytes_per_token, memory_fit
+from hetpd.plan.cost import Efficiency, kv_bytes_per_token, load_efficiency, memory_fit
 from hetpd.plan.scenario import Scenario
 from hetpd.plan.simulator import PoolSpec, SimConfig, SimResult, simulate
 from hetpd.plan.spec import Accelerator, Catalog, ModelShape
@@ -114,8 +114,8 @@ def candidates(scenario: Scenario) -> Iterator[Candidate]:
 
 
 def evaluate(candidate: Candidate, scenario: Scenario, catalog: Catalog, model: ModelShape,
-             requests: list[RequestSpec]) -> Evaluation:
-    built = build_config(candidate, scenario, catalog, model, requests)
+             requests: list[RequestSpec], efficiency: Efficiency = Efficiency()) -> Evaluation:
+    built = build_config(candidate, scenario, catalog, model, requests, efficiency)
     if isinstance(built, Evaluation):
         return built
     config, verdict = built
@@ -127,7 +127,7 @@ def scenario_slo(scenario: Scenario) -> SLO:
 
 
 def build_config(candidate: Candidate, scenario: Scenario, catalog: Catalog, model: ModelShape,
-                 requests: list[RequestSpec]) -> tuple[SimConfig, str] | Evaluation:
+                 requests: list[RequestSpec], efficiency: Efficiency = Efficiency()) -> tuple[SimConfig, str] | Evaluation:
     """The simulator's view of a candidate, or its rejection (capacity) with the reason."""
     c = candidate
     p_acc = tensor_parallel(catalog.accelerator(c.prefill), c.prefill_tp)
@@ -153,6 +153,7 @@ def build_config(candidate: Candidate, scenario: Scenario, catalog: Catalog, mod
         catalog.link(scenario.link), wire_fmt=c.wire_format,
         # A fused conversion kernel reads and writes the KV once at about a quarter of peak bandwidth.
         conversion_gbps=None if handoff.site == "none" else d_acc.memory_tbps * 1e3 / 4,
+        efficiency=efficiency,
     )
     return config, handoff.verdict.kind.value
 
@@ -180,10 +181,11 @@ def plan(scenario: Scenario, catalog: Catalog, progress: Callable[[int, int], No
         raise ValueError(f"rank_by {rank_by!r}: choose accelerator, cost or power")
     model = catalog.model(scenario.model)
     requests = build_requests(scenario.workload)
+    efficiency = load_efficiency(scenario.calibration) if scenario.calibration else Efficiency()
     everything = list(candidates(scenario))
     done: list[Evaluation] = []
     for i, candidate in enumerate(everything):
-        done.append(evaluate(candidate, scenario, catalog, model, requests))
+        done.append(evaluate(candidate, scenario, catalog, model, requests, efficiency))
         if progress is not None:
             progress(i + 1, len(everything))
     def score(e: Evaluation) -> float:
