@@ -80,7 +80,8 @@ def profile(model_dir: Path | None, dtype: str = "float32", quick: bool = False,
 
     compute_eff: dict[int, float] = {}
     # Long enough prompts to be compute-bound (short ones only measure weight reads).
-    for length in ([256, 512] if quick else [512, 1024, 2048]):
+    lengths = sorted({min(n, engine.max_model_len - 4) for n in ([256, 512] if quick else [512, 1024, 2048])})
+    for length in lengths:
         seconds = min(prefill(length) for _ in range(repeats))
         flops = 2 * shape.params_total_b * 1e9 * length + attention_flops(shape, length, (length + 1) // 2)
         compute_eff[length] = flops / seconds / peak_flops
