@@ -1,5 +1,5 @@
-"""Pictures of a plan: the accelerator-stage matching plot, the coupling heat map, the Pareto
-frontier, latency distributions and utilisation of the top placements, in one PNG + HTML.
+"""Pictures of a plan: the accelerator-stage matching plot, the Pareto frontier, the TTFT
+distributions and utilisation of the top placements, and the coupling heat map, in one PNG + HTML.
 
 The matching plot puts each accelerator of the fleet at (memory bandwidth, peak compute) in the
 chosen format; each stage of the scenario's workload is a line of constant arithmetic
@@ -41,7 +41,7 @@ def draw(result: PlanResult, fleet: list[Accelerator], model: ModelShape, reques
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(22, 5))
+    fig, axes = plt.subplots(1, 5, figsize=(27, 5))
     ax = axes[0]
     for acc in fleet:
         ax.scatter(acc.memory_tbps, acc.flops(fmt) / 1e12, s=60)
@@ -79,6 +79,19 @@ def draw(result: PlanResult, fleet: list[Accelerator], model: ModelShape, reques
     ax.legend(fontsize=6)
 
     ax = axes[3]
+    top = [e for e in result.ranked[:3] if e.result is not None]
+    for k, e in enumerate(top):
+        r = e.result
+        assert r is not None
+        values = [r.prefill_utilisation, r.decode_utilisation, r.link_utilisation]
+        ax.bar([i + 0.25 * k for i in range(3)], values, width=0.25, label=e.candidate.describe()[:50])
+    ax.set_xticks([0.25, 1.25, 2.25], ["prefill", "decode", "link"])
+    ax.set_ylabel("busy fraction")
+    ax.set_title("utilisation of the top placements")
+    if top:
+        ax.legend(fontsize=6)
+
+    ax = axes[4]
     if coupling:
         names = list(coupling)
         grid = [[coupling[a][b] for b in names] for a in names]
