@@ -270,7 +270,7 @@ class Engine:
         reservation = self.reserve_kv(request_id, export.num_tokens)
         if not reservation.accepted:
             return ImportResult(False, reservation.reason)
-        return self.commit_kv(export, params, request_id)
+        return self._commit(export, params, request_id)
 
     def reserve_kv(self, request_id: str, num_tokens: int) -> Reservation:
         """Set pages and a sequence slot aside for a request whose KV is about to arrive.
@@ -310,6 +310,10 @@ class Engine:
         if request_id not in self._reserved:
             raise ValueError(f"request {request_id!r} has no reservation; call reserve_kv first")
         self._check_import(export, params, request_id, reserved=True)
+        return self._commit(export, params, request_id)
+
+    def _commit(self, export: RuntimeKVState, params: SamplingParams, request_id: str) -> ImportResult:
+        """:meth:`commit_kv` once the state was checked (import_kv checked it before reserving)."""
         blocks = self._reserved[request_id]
         if len(blocks) < self.allocator.blocks_for_tokens(export.num_tokens):
             raise ValueError(f"reservation of {len(blocks)} pages is too small for {export.num_tokens} tokens")

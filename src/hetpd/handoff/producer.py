@@ -42,8 +42,7 @@ class ProducerEndpoint(Endpoint):
         self.sender = sender
         self.plan = plan
         self.layers_per_post = max(1, layers_per_post)
-        self._staged: dict[LeaseKey, RuntimeKVState] = {}
-        self._request_of: dict[LeaseKey, str] = {}  # until the lease frees the request's pages
+        self._staged: dict[LeaseKey, RuntimeKVState] = {}  # until the lease frees the request's pages
 
     def offer(self, request_id: str, now: float, plan: HandoffPlan | None = None) -> list[Message]:
         """The engine handed ``request_id`` off (its pages are held): open a lease and offer it.
@@ -52,7 +51,6 @@ class ProducerEndpoint(Endpoint):
         blocks = self.engine.held_blocks(request_id)
         step = self.leases.open(request_id, request_id, len(blocks), state.nbytes, now, meta=state.manifest())
         key = LeaseKey(request_id, 1)
-        self._request_of[key] = request_id
         self._staged[key] = state
         self.on_step(request_id, "lease_offered")
         self._run(step, now)
@@ -76,10 +74,9 @@ class ProducerEndpoint(Endpoint):
             result = self.sender.cancel(effect.transfer_id)  # once it returns, nothing reads the source
             self._run(self.leases.transfer_settled(effect.transfer_id, outcome_of(result), now), now)
         elif isinstance(effect, FreeBlocks):
-            request_id = self._request_of.pop(effect.lease, None)
-            self._staged.pop(effect.lease, None)
-            if request_id is not None and request_id in self.engine.held_request_ids():
-                self.engine.release_kv(request_id)
+            staged = self._staged.pop(effect.lease, None)
+            if staged is not None and staged.request_id in self.engine.held_request_ids():
+                self.engine.release_kv(staged.request_id)
             try:
                 self.sender.unregister_region(str(effect.lease))
             except ValueError:

@@ -92,9 +92,9 @@ class KVCodec:
             codes, zero = self._quantise_symmetric(units / scale.float().unsqueeze(-1)), None
         if not bool(torch.isfinite(scale).all()) or (zero is not None and not bool(torch.isfinite(zero).all())):
             raise ValueError(f"KV values overflow {self.quant.scale_dtype} scales: use float32 or bfloat16 scale_dtype")
-        codes = self._from_units(codes, x.shape)
-        return Encoded(_pack_int4(codes) if self.dtype == "int4" else codes, self._unit_shape(scale, x.shape),
-                       None if zero is None else self._unit_shape(zero, x.shape))
+        codes = codes.reshape(x.shape)
+        return Encoded(_pack_int4(codes) if self.dtype == "int4" else codes, self._unit_shape(scale),
+                       None if zero is None else self._unit_shape(zero))
 
     def _quantise_symmetric(self, y: torch.Tensor) -> torch.Tensor:
         if self.dtype == "fp8_e4m3":
@@ -125,11 +125,11 @@ class KVCodec:
             values = codes.float()
         shape = values.shape
         units = self._units(values)
-        out = units * self._scale_units(scales, shape).float().unsqueeze(-1)
+        out = units * self._scale_units(scales).float().unsqueeze(-1)
         if self.quant.zero_point:
             assert zeros is not None, "asymmetric int4 KV needs its zero points"
-            out = out + self._scale_units(zeros, shape).float().unsqueeze(-1)
-        return self._from_units(out, shape).to(dtype)
+            out = out + self._scale_units(zeros).float().unsqueeze(-1)
+        return out.reshape(shape).to(dtype)
 
     # ------------------------------------------------------------------ unit views
     def _units(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,14 +142,11 @@ class KVCodec:
             return x.reshape(*x.shape[:-1], -1, self.quant.group_size)
         return x.flatten(-3).unsqueeze(-2)  # per_tensor: one row per leading index
 
-    def _from_units(self, units: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        return units.reshape(shape)
-
-    def _unit_shape(self, per_unit: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    def _unit_shape(self, per_unit: torch.Tensor) -> torch.Tensor:
         """Per-unit values (scale or zero) in the documented scale shape."""
         return per_unit.squeeze(-1) if self.quant.scheme == "per_tensor" else per_unit
 
-    def _scale_units(self, scales: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    def _scale_units(self, scales: torch.Tensor) -> torch.Tensor:
         return scales.unsqueeze(-1) if self.quant.scheme == "per_tensor" else scales
 
 

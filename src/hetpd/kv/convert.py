@@ -7,7 +7,8 @@ import torch
 from hetpd.kv.check import check
 from hetpd.kv.codec import Encoded
 from hetpd.kv.format import IncompatibleKVError, KVFormat
-from hetpd.kv.layout import Buffer, codec_of, pack, unpack
+from hetpd.kv.layout import codec_of, pack, unpack
+from hetpd.kv.state import Buffer
 
 
 def convert(encoded: Encoded, source: KVFormat, target: KVFormat) -> tuple[Encoded, KVFormat]:

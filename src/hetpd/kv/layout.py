@@ -18,8 +18,8 @@ import torch
 
 from hetpd.kv.codec import Encoded, KVCodec
 from hetpd.kv.format import IncompatibleKVError, KVFormat
+from hetpd.kv.state import Buffer
 
-Buffer = bytes | bytearray | memoryview
 
 
 def codec_of(fmt: KVFormat) -> KVCodec:

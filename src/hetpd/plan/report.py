@@ -95,8 +95,8 @@ def draw(result: PlanResult, fleet: list[Accelerator], model: ModelShape, reques
     if coupling:
         names = list(coupling)
         grid = [[coupling[a][b] for b in names] for a in names]
-        image = ax.imshow(grid, cmap="RdBu_r", vmin=-max(1e-9, max(abs(v) for row in grid for v in row)),
-                          vmax=max(1e-9, max(abs(v) for row in grid for v in row)))
+        extent = max(1e-9, max(abs(v) for row in grid for v in row))  # a symmetric scale: white is "no coupling"
+        image = ax.imshow(grid, cmap="RdBu_r", vmin=-extent, vmax=extent)
         ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=7)
         ax.set_yticks(range(len(names)), names, fontsize=7)
         fig.colorbar(image, ax=ax, fraction=0.046)

@@ -74,20 +74,19 @@ class Evaluation:
 
     def cost_per_hour(self, catalog: Catalog) -> float | None:
         """Summed price of the accelerators used, when every one of them has a price in the catalog."""
-        c = self.candidate
-        prices = [catalog.accelerator(c.prefill).price_per_hour, catalog.accelerator(c.decode).price_per_hour]
-        if any(p is None for p in prices):
-            return None
-        p_price, d_price = (float(p) for p in prices)  # type: ignore[arg-type]
-        return c.prefill_count * c.prefill_tp * p_price + c.decode_count * c.decode_tp * d_price
+        return self._summed(catalog, lambda acc: acc.price_per_hour)
 
     def power_kw(self, catalog: Catalog) -> float | None:
+        watts = self._summed(catalog, lambda acc: acc.tdp_w)
+        return None if watts is None else watts / 1000
+
+    def _summed(self, catalog: Catalog, figure: Callable[[Accelerator], float | None]) -> float | None:
+        """A per-accelerator figure summed over every accelerator used (None if one lacks it)."""
         c = self.candidate
-        tdps = [catalog.accelerator(c.prefill).tdp_w, catalog.accelerator(c.decode).tdp_w]
-        if any(t is None for t in tdps):
+        prefill, decode = figure(catalog.accelerator(c.prefill)), figure(catalog.accelerator(c.decode))
+        if prefill is None or decode is None:
             return None
-        p_tdp, d_tdp = (float(t) for t in tdps)  # type: ignore[arg-type]
-        return (c.prefill_count * c.prefill_tp * p_tdp + c.decode_count * c.decode_tp * d_tdp) / 1000
+        return c.prefill_count * c.prefill_tp * prefill + c.decode_count * c.decode_tp * decode
 
 
 @dataclass(frozen=True)

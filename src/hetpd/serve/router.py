@@ -156,10 +156,10 @@ class Router:
         if problems:
             reason = f"worker {worker.worker_id} ({worker.role}) cannot join: " + "; ".join(problems)
             self.log("router: " + reason)
-            writer.write(_frame({"op": "rejected", "reason": reason}))
+            writer.write(encode({"op": "rejected", "reason": reason}))
             return None
         self.workers[worker.worker_id] = worker
-        writer.write(_frame({"op": "welcome"}))
+        writer.write(encode({"op": "welcome"}))
         self.log(f"router: {worker.worker_id} joined as {worker.role} ({fmt.dtype} KV, page {fmt.page_size})")
         self._capacity.set()
         return worker
@@ -400,7 +400,7 @@ class Router:
         for worker_id in request.workers.values():
             worker = self.workers.get(worker_id)
             if worker is not None:
-                worker.writer.write(_frame({"op": "abort", "request_id": request.wire_id}))
+                worker.writer.write(encode({"op": "abort", "request_id": request.wire_id}))
         self._release(request)
 
     def _release(self, request: RequestState) -> None:
@@ -429,6 +429,3 @@ class Router:
         ordered = dict(sorted(record["steps"].items(), key=lambda kv: kv[1]))
         return {"request_id": request_id, "workers": record["workers"], "steps": ordered}
 
-
-def _frame(message: dict[str, Any]) -> bytes:
-    return encode(message)
