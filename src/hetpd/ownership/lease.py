@@ -123,6 +123,10 @@ class _Lease:
         """Ended, but its pages wait for this side's transfer to settle before they are freed."""
         return self.state.terminal and self.in_flight
 
+    def receive(self, message: Message, now: float) -> Step:
+        """A message from the peer about this attempt (each side implements its half)."""
+        raise NotImplementedError
+
     def renew(self, now: float) -> None:
         self.deadline = max(self.deadline, now + self.config.ttl)
 

@@ -112,6 +112,17 @@ class _Table(Generic[_L]):
         return Tick(tuple(effects), tuple(expired), self._prune(now))
 
     # ------------------------------------------------------------------ helpers
+    def _to_known_lease(self, message: Message, wrong_way: tuple[type, ...], direction: str, now: float) -> Step | None:
+        """The step for a message this table can place (wrong direction, a known attempt, or a
+        stale one); None when it is about an attempt this side has never seen."""
+        if isinstance(message, wrong_way):
+            return ignored(f"{message.TYPE} is not a {direction} message")
+        key = LeaseKey(message.lease_id, message.epoch)
+        lease = self._leases.get(key)
+        if lease is not None:
+            return self._track(lease, lease.receive(message, now))
+        return self._stale(key)
+
     def _stale(self, key: LeaseKey) -> Step | None:
         """The step for a message from an attempt older than the newest one known, else None."""
         newest = self._newest.get(key.lease_id)
@@ -188,15 +199,11 @@ class ProducerLeases(_Table[ProducerLease]):
 
     def receive(self, message: Message, now: float) -> Step:
         """A message from a consumer."""
-        if isinstance(message, (ReserveRequest, TransferPosted, ReleaseAck)):
-            return ignored(f"{message.TYPE} is not a consumer-to-producer message")
+        known = self._to_known_lease(message, (ReserveRequest, TransferPosted, ReleaseAck), "consumer-to-producer",
+                                     now)
+        if known is not None:
+            return known
         key = LeaseKey(message.lease_id, message.epoch)
-        lease = self._leases.get(key)
-        if lease is not None:
-            return self._track(lease, lease.receive(message, now))
-        stale = self._stale(key)
-        if stale is not None:
-            return stale
         if isinstance(message, (Reserved, Heartbeat, Committed)):
             return _answer_unknown(message)
         return ignored(f"unknown lease {key}")  # a failure notice: never answered
@@ -209,15 +216,10 @@ class ConsumerLeases(_Table[ConsumerLease]):
         """A message from a producer. A new offer yields an :class:`Admit` effect: answer it with
         :meth:`reserve` or :meth:`refuse` (now, or later; a repeated offer meanwhile yields
         another ``Admit``, and the second ``reserve`` hands its pages straight back)."""
-        if isinstance(message, (Reserved, Refused, Committed)):
-            return ignored(f"{message.TYPE} is not a producer-to-consumer message")
+        known = self._to_known_lease(message, (Reserved, Refused, Committed), "producer-to-consumer", now)
+        if known is not None:
+            return known
         key = LeaseKey(message.lease_id, message.epoch)
-        lease = self._leases.get(key)
-        if lease is not None:
-            return self._track(lease, lease.receive(message, now))
-        stale = self._stale(key)
-        if stale is not None:
-            return stale
         if isinstance(message, ReserveRequest):
             effects: list[Effect] = []
             for older in self:
