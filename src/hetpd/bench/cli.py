@@ -128,6 +128,8 @@ def main(argv: list[str]) -> int:
         builder = PromptBuilder(tokenizer.vocab_size, specials, seed=args.seed)
         count = lambda text: len(tokenizer.encode(text))  # noqa: E731
         rates: list[float | None] = [float(r) for r in args.rates.split(",")] if args.rates else [None]
+        # Every run's requests up front: a workload that cannot be built fails before any load is sent.
+        sweep = [(rate, build_requests(workload, rate=rate, count_tokens=count)) for rate in rates]
     except ValueError as exc:
         print(f"hetpd bench: {exc}", file=sys.stderr)
         return 2
@@ -136,22 +138,12 @@ def main(argv: list[str]) -> int:
             "workload": workload.model_dump(mode="json"), "slo_ms": {"ttft": args.slo_ttft_ms, "tpot": args.slo_tpot_ms}}
     runs: list[RunResult] = []
     if args.warmup > 0:
-        try:
-            warm = build_requests(workload, rate=rates[0], count_tokens=count)[: args.warmup]
-        except ValueError as exc:
-            print(f"hetpd bench: {exc}", file=sys.stderr)
-            return 2
+        warm = sweep[0][1][: args.warmup]
         asyncio.run(run(warm, [builder.build(s) for s in warm], args.url, args.model, api_key=args.api_key,
                         concurrency=1, progress=None))
-    for rate in rates:
-        try:
-            specs = build_requests(workload, rate=rate, count_tokens=count)
-        except ValueError as exc:
-            print(f"hetpd bench: {exc}", file=sys.stderr)
-            return 2
+    concurrency = workload.arrival.concurrency if isinstance(workload.arrival, ConcurrencyArrival) else None
+    for rate, specs in sweep:
         prompts = [builder.build(spec) for spec in specs]
-        arrival = workload.arrival
-        concurrency = arrival.concurrency if isinstance(arrival, ConcurrencyArrival) else None
         label = f"rate {rate:g}/s" if rate is not None else ""
         result = asyncio.run(run(specs, prompts, args.url, args.model, api_key=args.api_key, concurrency=concurrency,
                                  rate=rate, slo=slo, label=label))
