@@ -208,6 +208,8 @@ class Scheduler:
 
     def _register_full_blocks(self, seq: Sequence) -> None:
         """Offer every newly full, fully computed block of ``seq`` to the prefix cache."""
+        if not self.allocator.enable_prefix_caching:
+            return  # nothing would be kept: skip hashing the blocks
         block_size = self.allocator.block_size
         num_full = min(seq.num_computed_tokens // block_size, len(seq.block_table))
         while len(seq.block_hashes) < num_full:

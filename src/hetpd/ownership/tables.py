@@ -56,6 +56,7 @@ class _Table(Generic[_L]):
         self.config = config or LeaseConfig()
         self._leases: dict[LeaseKey, _L] = {}
         self._newest: dict[str, int] = {}  # lease id -> highest epoch seen
+        self._epochs: dict[str, set[int]] = {}  # lease id -> epochs remembered (an index: no scans of every lease)
         self._transfers: dict[str, LeaseKey] = {}  # transfer id -> lease, while in flight
 
     # ------------------------------------------------------------------ queries
@@ -130,8 +131,13 @@ class _Table(Generic[_L]):
             return ignored(f"stale epoch {key.epoch} of {key.lease_id!r} (newest is {newest})")
         return None
 
+    def attempts(self, lease_id: str) -> list[_L]:
+        """Every remembered attempt of ``lease_id``, oldest first."""
+        return [self._leases[LeaseKey(lease_id, e)] for e in sorted(self._epochs.get(lease_id, ()))]
+
     def _add(self, lease: _L) -> None:
         self._leases[lease.key] = lease
+        self._epochs.setdefault(lease.key.lease_id, set()).add(lease.key.epoch)
         self._newest[lease.key.lease_id] = max(lease.key.epoch, self._newest.get(lease.key.lease_id, 0))
 
     def _track(self, lease: _L, step: Step | None) -> Step:
@@ -154,7 +160,10 @@ class _Table(Generic[_L]):
         ]
         for key in forget:
             del self._leases[key]
-            if not any(k.lease_id == key.lease_id for k in self._leases):
+            epochs = self._epochs[key.lease_id]
+            epochs.discard(key.epoch)
+            if not epochs:
+                del self._epochs[key.lease_id]
                 del self._newest[key.lease_id]
         return len(forget)
 
@@ -222,8 +231,8 @@ class ConsumerLeases(_Table[ConsumerLease]):
         key = LeaseKey(message.lease_id, message.epoch)
         if isinstance(message, ReserveRequest):
             effects: list[Effect] = []
-            for older in self:
-                if older.key.lease_id == key.lease_id and older.live:
+            for older in self.attempts(key.lease_id):
+                if older.live:
                     effects.extend(self._track(older, older.supersede(now)).effects)
             return applied(*effects, Admit(message))
         if isinstance(message, (Abort, Expired)):

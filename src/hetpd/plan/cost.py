@@ -61,29 +61,37 @@ def attention_flops(model: ModelShape, new_tokens: int, context: int) -> float:
     return 2 * 2 * model.layers * q_width * new_tokens * context
 
 
+def step_time(model: ModelShape, acc: Accelerator, compute_fmt: str, weight_fmt: str, kv_fmt: str,
+              prefill_tokens: int, prefill_pairs: int, decode_seqs: int, decode_context: int,
+              eff: Efficiency = Efficiency()) -> StageTime:
+    """One engine step: ``prefill_tokens`` prompt tokens with ``prefill_pairs`` causal attention
+    pairs among them, plus ``decode_seqs`` sequences decoding one token each over
+    ``decode_context`` tokens of KV in all. Compute is 2 x active params FLOPs per token plus
+    attention; memory is reading the weights once (only the active experts' for a small decode
+    batch of a MoE) and the decoders' KV. The larger binds."""
+    q_width = model.num_attention_heads * model.head_dim
+    flops = 2 * model.params_active_b * 1e9 * (prefill_tokens + decode_seqs)
+    flops += 2 * 2 * model.layers * q_width * (prefill_pairs + decode_context)  # QK^T and PV
+    compute = flops / (acc.flops(compute_fmt) * eff.compute)
+    active = model.num_experts is None or (prefill_tokens == 0 and decode_seqs < 4)
+    moved = weight_bytes(model, weight_fmt, active=active) + kv_bytes_per_token(model, kv_fmt) * decode_context
+    memory = moved / (acc.memory_bandwidth * eff.memory)
+    return StageTime(max(compute, memory), compute, memory, "compute" if compute >= memory else "bandwidth")
+
+
 def prefill_time(model: ModelShape, acc: Accelerator, compute_fmt: str, weight_fmt: str, prompt_lengths: list[int],
                  eff: Efficiency = Efficiency()) -> StageTime:
-    """One prefill batch: 2 x active params FLOPs per token plus attention's quadratic term,
-    against reading the weights once; the larger of compute and memory binds."""
-    tokens = sum(prompt_lengths)
-    flops = 2 * model.params_active_b * 1e9 * tokens
-    flops += sum(attention_flops(model, n, (n + 1) // 2) for n in prompt_lengths)  # causal: half on average
-    compute = flops / (acc.flops(compute_fmt) * eff.compute)
-    memory = weight_bytes(model, weight_fmt) / (acc.memory_bandwidth * eff.memory)
-    return StageTime(max(compute, memory), compute, memory, "compute" if compute >= memory else "bandwidth")
+    """One prefill batch of whole prompts: 2 x active params FLOPs per token plus attention's
+    quadratic term, against reading the weights once; the larger of compute and memory binds."""
+    pairs = sum(n * (n + 1) // 2 for n in prompt_lengths)  # causal: each token attends to those before it
+    return step_time(model, acc, compute_fmt, weight_fmt, "bf16", sum(prompt_lengths), pairs, 0, 0, eff)
 
 
 def decode_step_time(model: ModelShape, acc: Accelerator, compute_fmt: str, weight_fmt: str, kv_fmt: str,
                      contexts: list[int], eff: Efficiency = Efficiency()) -> StageTime:
     """One decode step for a batch with these context lengths: read the (active) weights and every
     sequence's KV at memory bandwidth, or compute the batch's FLOPs, whichever takes longer."""
-    batch = len(contexts)
-    flops = 2 * model.params_active_b * 1e9 * batch + sum(attention_flops(model, 1, c) for c in contexts)
-    compute = flops / (acc.flops(compute_fmt) * eff.compute)
-    moved = weight_bytes(model, weight_fmt, active=model.num_experts is None or batch < 4) + \
-        kv_bytes_per_token(model, kv_fmt) * sum(contexts)
-    memory = moved / (acc.memory_bandwidth * eff.memory)
-    return StageTime(max(compute, memory), compute, memory, "compute" if compute >= memory else "bandwidth")
+    return step_time(model, acc, compute_fmt, weight_fmt, kv_fmt, 0, 0, len(contexts), sum(contexts), eff)
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,11 @@
 Each simulated prefill and decode instance runs hetpd's real :class:`~hetpd.core.scheduler.Scheduler`
 and :class:`~hetpd.core.block_allocator.BlockAllocator`; every handoff runs the real lease state
 machines of :mod:`hetpd.ownership` (offer, reserve, transfer, commit, release) with simulated
-time. Only the durations come from the cost model: a step takes what :mod:`hetpd.plan.cost`
-says for its batch, a transfer what the link and the wire format say. Pure Python.
+time. Only the durations come from a model: a step takes what its pool's step coster says for
+its batch (the catalog roofline, or step times ``hetpd profile`` measured), a transfer what the
+link and the wire format say. A colocated deployment (``SimConfig.colocated``) runs whole
+requests on the prefill pool's instances: chunked prefill mixed with decodes, no handoff.
+Lease time-outs are ticked as the runtime ticks them. Pure Python.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from hetpd.bench.metrics import SLO, Distribution
 from hetpd.bench.workload import RequestSpec
@@ -33,10 +36,12 @@ from hetpd.ownership import (
     Side,
     StartTransfer,
     Step,
+    Tick,
     TransferOutcome,
 )
-from hetpd.plan.cost import Efficiency, decode_step_time, handoff_time, kv_bytes_per_token, prefill_time
+from hetpd.plan.cost import Efficiency, handoff_time, kv_bytes_per_token
 from hetpd.plan.spec import Accelerator, Link, ModelShape
+from hetpd.plan.step_model import MeasuredSteps, RooflineSteps, StepCoster, StepWork
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class PoolSpec:
     kv_pool_tokens: int = 200_000
     max_num_seqs: int = 256
     max_batch_tokens: int = 8192
+    steps: MeasuredSteps | None = None  # measured step times (``hetpd profile``); None: the roofline
 
 
 @dataclass(frozen=True)
@@ -61,16 +67,25 @@ class SimConfig:
     page_tokens: int = 16
     conversion_gbps: float | None = None
     efficiency: Efficiency = Efficiency()
+    colocated: bool = False  # the prefill pool serves whole requests; decode pool and link unused
+    handoff_overhead_s: float = 0.0  # fixed cost of one handoff beyond the link (control round trips, staging)
 
 
 @dataclass
 class RequestTimes:
     arrival: float
     first_token: float | None = None
-    token_times: list[float] = field(default_factory=list)
+    last_token: float | None = None
+    num_tokens: int = 0
     finished: float | None = None
     handoff_start: float | None = None
     handoff_end: float | None = None
+
+    def token(self, now: float) -> None:
+        if self.first_token is None:
+            self.first_token = now
+        self.last_token = now
+        self.num_tokens += 1
 
     @property
     def ttft(self) -> float | None:
@@ -78,9 +93,14 @@ class RequestTimes:
 
     @property
     def tpot(self) -> float | None:
-        if self.first_token is None or len(self.token_times) < 2:
+        """Mean time per output token after the first (as ``hetpd bench`` reports it)."""
+        if self.first_token is None or self.last_token is None or self.num_tokens < 2:
             return None
-        return (self.token_times[-1] - self.first_token) / (len(self.token_times) - 1)
+        return (self.last_token - self.first_token) / (self.num_tokens - 1)
+
+    @property
+    def e2e(self) -> float | None:
+        return None if self.finished is None else self.finished - self.arrival
 
 
 @dataclass(frozen=True)
@@ -89,6 +109,7 @@ class SimResult:
     duration_s: float
     ttft: Distribution
     tpot: Distribution
+    e2e: Distribution
     goodput: float  # requests per second meeting the SLO
     throughput: float  # finished requests per second
     prefill_utilisation: float  # busy fraction, averaged over instances
@@ -97,17 +118,35 @@ class SimResult:
     peak_transient_bytes: int  # KV held on both sides for handoffs at once (the ledger's peak)
     binding: str  # the busiest resource: "prefill compute", "decode" or "link"
     retries: int  # handoffs refused for lack of decode room, prefilled again later
+    expired: int = 0  # leases that timed out
+    preemptions: int = 0  # sequences a scheduler evicted to make room (recomputed later)
 
 
 class _Instance:
-    def __init__(self, name: str, pool: PoolSpec, page_tokens: int) -> None:
-        blocks = max(1, pool.kv_pool_tokens // page_tokens)
+    def __init__(self, name: str, pool: PoolSpec, config: SimConfig) -> None:
+        blocks = max(1, pool.kv_pool_tokens // config.page_tokens)
         self.name = name
         self.pool = pool
-        self.allocator = BlockAllocator(blocks, page_tokens, enable_prefix_caching=False)
+        self.allocator = BlockAllocator(blocks, config.page_tokens, enable_prefix_caching=False)
         self.scheduler = Scheduler(SchedulerConfig(pool.max_num_seqs, pool.max_batch_tokens), self.allocator)
+        self.coster: StepCoster = pool.steps or RooflineSteps(config.model, pool.accelerator, pool.compute_fmt,
+                                                              pool.weight_fmt, pool.kv_fmt, config.efficiency)
         self.current: SchedulerOutput | None = None
         self.busy_time = 0.0
+
+
+def step_work(output: SchedulerOutput) -> StepWork:
+    """The work a scheduled step does: prompt chunks (prefill, or recompute after preemption) and
+    one-token decodes past the prompt."""
+    prefill_tokens = prefill_pairs = decode_seqs = decode_context = 0
+    for chunk in output.chunks:
+        if chunk.num_tokens == 1 and chunk.start >= chunk.seq.num_prompt_tokens:
+            decode_seqs += 1
+            decode_context += chunk.start + 1
+        else:
+            prefill_tokens += chunk.num_tokens
+            prefill_pairs += StepWork.chunk_pairs(chunk.start, chunk.num_tokens)
+    return StepWork(prefill_tokens, prefill_pairs, decode_seqs, decode_context)
 
 
 class _Simulation:
@@ -115,9 +154,9 @@ class _Simulation:
 
     def __init__(self, config: SimConfig, requests: Seq[RequestSpec], lease: LeaseConfig | None) -> None:
         self.cfg = config
-        self.prefill = [_Instance(f"prefill-{i}", config.prefill, config.page_tokens)
-                        for i in range(config.prefill.count)]
-        self.decode = [_Instance(f"decode-{i}", config.decode, config.page_tokens) for i in range(config.decode.count)]
+        self.prefill = [_Instance(f"prefill-{i}", config.prefill, config) for i in range(config.prefill.count)]
+        self.decode = [] if config.colocated else [_Instance(f"decode-{i}", config.decode, config)
+                                                    for i in range(config.decode.count)]
         self.by_name = {i.name: i for i in self.prefill + self.decode}
         self.producers, self.consumers = ProducerLeases(lease), ConsumerLeases(lease)
         self.ledger = CapacityLedger()
@@ -132,6 +171,9 @@ class _Simulation:
         self.link_free_at = 0.0
         self.link_busy = 0.0
         self.retries = 0
+        self.expired = 0
+        self.preemptions = 0
+        self.ticking = False
         for r in requests:
             self.push(r.at or 0.0, "arrive", str(r.index))
 
@@ -156,7 +198,19 @@ class _Simulation:
                 self.start_step(self.by_name[key], now)
             elif kind == "step_done":
                 self.finish_step(self.by_name[key], now)
+            elif kind == "tick":
+                self.tick(now)
         return now
+
+    def tick(self, now: float) -> None:
+        """What a worker's lease timer does: keepalives, expiry, forgetting old leases."""
+        for side, table in ((Side.PRODUCER, self.producers), (Side.CONSUMER, self.consumers)):
+            ticked = table.tick(now)
+            self.expired += len(ticked.expired)
+            self.apply(side, ticked, now)
+        self.ticking = self.producers.live() + self.consumers.live() > 0
+        if self.ticking:
+            self.push(now + self.producers.config.heartbeat_interval, "tick", "")
 
     def kick(self, instance: _Instance, now: float) -> None:
         if instance.current is None and instance.scheduler.has_work:
@@ -168,16 +222,11 @@ class _Simulation:
         output = inst.scheduler.schedule()
         if output.is_empty:
             return
-        cfg, pool = self.cfg, inst.pool
-        if inst in self.prefill:
-            cost = prefill_time(cfg.model, pool.accelerator, pool.compute_fmt, pool.weight_fmt,
-                                [c.num_tokens for c in output.chunks], cfg.efficiency)
-        else:
-            cost = decode_step_time(cfg.model, pool.accelerator, pool.compute_fmt, pool.weight_fmt, pool.kv_fmt,
-                                    [c.seq.num_tokens for c in output.chunks], cfg.efficiency)
+        self.preemptions += len(output.preempted)
+        seconds = inst.coster.seconds(step_work(output))
         inst.current = output
-        inst.busy_time += cost.seconds
-        self.push(now + cost.seconds, "step_done", inst.name)
+        inst.busy_time += seconds
+        self.push(now + seconds, "step_done", inst.name)
 
     def finish_step(self, inst: _Instance, now: float) -> None:
         output, inst.current = inst.current, None
@@ -187,16 +236,15 @@ class _Simulation:
         for chunk in sampling:
             request_id, seq = chunk.seq.seq_id, chunk.seq
             times, spec = self.times[request_id], self.specs[request_id]
-            times.token_times.append(now)
-            if inst in self.prefill:
-                times.first_token = times.first_token or now
+            times.token(now)
+            if inst in self.prefill and not self.cfg.colocated:
                 blocks = inst.scheduler.finish(seq, keep_blocks=True)
                 if spec.output_tokens <= 1:
                     inst.allocator.free(blocks)
                     times.finished = now
                 else:
                     self.offer(request_id, blocks, now)
-            elif seq.num_output_tokens >= spec.output_tokens:
+            elif seq.num_output_tokens >= spec.output_tokens or seq.num_output_tokens >= seq.max_tokens:
                 inst.scheduler.finish(seq)
                 times.finished = now
                 while self.refused:  # room freed: the refused ones get another go
@@ -210,8 +258,11 @@ class _Simulation:
         nbytes = int(kv_bytes_per_token(self.cfg.model, self.cfg.prefill.kv_fmt) * self.specs[request_id].input_tokens)
         self.apply(Side.PRODUCER, self.producers.open(request_id, request_id, len(blocks), nbytes, now, epoch), now)
         self.apply(Side.PRODUCER, self.producers.hold(request_id, blocks, nbytes, now), now)
+        if not self.ticking:
+            self.ticking = True
+            self.push(now + self.producers.config.heartbeat_interval, "tick", "")
 
-    def apply(self, side: Side, step: Step, now: float) -> None:
+    def apply(self, side: Side, step: Step | Tick, now: float) -> None:
         """Carry out lease effects. Control messages arrive at once: the link carries only bytes."""
         self.ledger.apply(side, step.effects)
         for effect in step.effects:
@@ -256,7 +307,7 @@ class _Simulation:
         self.link_free_at = begin + cost.seconds
         self.link_busy += cost.seconds
         self.times[request_id].handoff_start = now
-        self.push(self.link_free_at, "transfer_done", transfer_id)
+        self.push(self.link_free_at + cfg.handoff_overhead_s, "transfer_done", transfer_id)
 
     def commit(self, request_id: str, blocks: list[int], now: float) -> None:
         spec = self.specs[request_id]
@@ -280,13 +331,14 @@ def simulate(config: SimConfig, requests: Seq[RequestSpec], slo: SLO = SLO(), le
     meets = [t for t in done if (t.ttft or 0.0) <= slo.ttft and (t.tpot or 0.0) <= slo.tpot]
     utilisation = {
         "prefill compute": sum(i.busy_time for i in sim.prefill) / (span * len(sim.prefill)),
-        "decode": sum(i.busy_time for i in sim.decode) / (span * len(sim.decode)),
+        "decode": sum(i.busy_time for i in sim.decode) / (span * len(sim.decode)) if sim.decode else 0.0,
         "link": sim.link_busy / span,
     }
     return SimResult(
         tuple(sim.times[str(r.index)] for r in requests), duration,
         Distribution.of([t.ttft for t in done if t.ttft is not None]),
         Distribution.of([t.tpot for t in done if t.tpot is not None]),
+        Distribution.of([t.e2e for t in done if t.e2e is not None]),
         len(meets) / span, len(done) / span, utilisation["prefill compute"], utilisation["decode"],
         utilisation["link"], sim.ledger.snapshot().peak_total_bytes, max(utilisation, key=utilisation.__getitem__),
-        sim.retries)
+        sim.retries, sim.expired, sim.preemptions)

@@ -1,0 +1,155 @@
+"""What one engine step costs: the work a step does, and two ways to price it.
+
+A step's work is four numbers the scheduler's output determines: prompt tokens computed,
+causal attention (query, key) pairs among them, sequences decoding one token, and the context
+those decoding sequences attend to. :class:`RooflineSteps` prices it from an accelerator's
+catalog peaks (the roofline of :mod:`hetpd.plan.cost`); :class:`MeasuredSteps` from step times
+``hetpd profile`` measured on the engine itself, fitted by :func:`fit_steps`. The simulator
+asks either one through :class:`StepCoster`. Pure Python (the fit uses numpy).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from hetpd.plan.cost import Efficiency, StageTime, step_time
+from hetpd.plan.spec import Accelerator, ModelShape
+
+
+@dataclass(frozen=True)
+class StepWork:
+    """The work of one step. ``prefill_pairs`` counts (query, key) pairs of the prompt chunks:
+    a chunk of ``n`` tokens starting at ``start`` has ``n * start + n * (n + 1) // 2``."""
+
+    prefill_tokens: int = 0
+    prefill_pairs: int = 0
+    decode_seqs: int = 0
+    decode_context: int = 0
+
+    @staticmethod
+    def chunk_pairs(start: int, num_tokens: int) -> int:
+        return num_tokens * start + num_tokens * (num_tokens + 1) // 2
+
+
+class StepCoster(Protocol):
+    def seconds(self, work: StepWork) -> float:
+        """How long a step doing ``work`` takes."""
+        ...
+
+
+@dataclass(frozen=True)
+class RooflineSteps:
+    """The catalog roofline: compute in ``compute_fmt`` against reading weights and KV."""
+
+    model: ModelShape
+    accelerator: Accelerator
+    compute_fmt: str
+    weight_fmt: str
+    kv_fmt: str
+    efficiency: Efficiency = Efficiency()
+
+    def seconds(self, work: StepWork) -> float:
+        return self.time(work).seconds
+
+    def time(self, work: StepWork) -> StageTime:
+        return step_time(self.model, self.accelerator, self.compute_fmt, self.weight_fmt, self.kv_fmt,
+                         work.prefill_tokens, work.prefill_pairs, work.decode_seqs, work.decode_context,
+                         self.efficiency)
+
+
+@dataclass(frozen=True)
+class MeasuredSteps:
+    """Step time fitted to measurements of the engine (``hetpd profile``)::
+
+        overhead + max(weights, prefill_token * prefill_tokens + decode_seq * decode_seqs)
+                 + prefill_pair * prefill_pairs + decode_context * decode_context
+
+    ``weights`` is the floor a small batch pays for reading the weights; the token terms take
+    over once the matmuls are compute-bound; attention adds per pair (prompts) and per context
+    token (decodes). All in seconds, all non-negative."""
+
+    overhead: float
+    weights: float
+    prefill_token: float
+    decode_seq: float
+    prefill_pair: float
+    decode_context: float
+
+    def __post_init__(self) -> None:
+        negative = [name for name, value in asdict(self).items() if not value >= 0]
+        if negative:
+            raise ValueError(f"step model terms {negative} must be non-negative seconds")
+
+    def seconds(self, work: StepWork) -> float:
+        return (self.overhead + max(self.weights, self.prefill_token * work.prefill_tokens
+                                    + self.decode_seq * work.decode_seqs)
+                + self.prefill_pair * work.prefill_pairs + self.decode_context * work.decode_context)
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Any, where: str = "steps") -> MeasuredSteps:
+        names = set(cls.__dataclass_fields__)
+        if not isinstance(raw, dict) or set(raw) != names:
+            raise ValueError(f"{where}: needs exactly the terms {sorted(names)} (write it with `hetpd profile`)")
+        return cls(**{name: float(raw[name]) for name in names})
+
+
+@dataclass(frozen=True)
+class StepFit:
+    model: MeasuredSteps
+    median_error: float  # median relative error over the measurements
+    worst_error: float
+
+
+def fit_steps(samples: Sequence[tuple[StepWork, float]]) -> StepFit:
+    """Least-squares fit of :class:`MeasuredSteps` to (work, seconds) samples, on relative error.
+
+    The ``max`` makes it piecewise linear: for each candidate weights floor (0, and each sample's
+    time) the remaining terms are linear; the floor with the smallest error wins. Terms the data
+    cannot support (a negative coefficient) are dropped and the rest refitted."""
+    import numpy as np
+
+    if len(samples) < 4:
+        raise ValueError(f"samples: need at least 4 measured steps to fit a step model, got {len(samples)}")
+    if any(not seconds > 0 for _, seconds in samples):
+        raise ValueError("samples: every measured step time must be positive")
+    times = np.array([s for _, s in samples])
+    works = [w for w, _ in samples]
+
+    def solve(floor: float) -> tuple[float, MeasuredSteps] | None:
+        # Columns: overhead, prefill_token, decode_seq, prefill_pair, decode_context. A sample whose
+        # token terms stay under the floor pays the floor instead of them (decided by the fit itself,
+        # two passes: assume everyone above the floor, then re-split by the first fit).
+        above = [True] * len(works)
+        for _ in range(3):
+            rows = [[1.0, w.prefill_tokens * a, w.decode_seqs * a, w.prefill_pairs, w.decode_context]
+                    for w, a in zip(works, above, strict=True)]
+            target = times - np.array([0.0 if a else floor for a in above])
+            keep = list(range(5))
+            while True:
+                design = np.array(rows)[:, keep] / times[:, None]
+                coef, *_ = np.linalg.lstsq(design, target / times, rcond=None)
+                if (coef >= 0).all() or len(keep) == 1:
+                    break
+                keep.pop(int(np.argmin(coef)))
+            full = [0.0] * 5
+            for index, value in zip(keep, coef, strict=True):
+                full[index] = max(0.0, float(value))
+            model = MeasuredSteps(full[0], floor, full[1], full[2], full[3], full[4])
+            split = [model.prefill_token * w.prefill_tokens + model.decode_seq * w.decode_seqs >= floor for w in works]
+            if split == above:
+                break
+            above = split
+        errors = np.abs(np.array([model.seconds(w) for w in works]) - times) / times
+        return float(np.mean(errors**2)), model
+
+    candidates = [solve(floor) for floor in itertools.chain([0.0], sorted(set(float(t) * f for t in times
+                                                                                for f in (0.5, 0.8, 1.0))))]
+    _, best = min((c for c in candidates if c is not None), key=lambda c: c[0])
+    errors = sorted(abs(best.seconds(w) - s) / s for w, s in samples)
+    return StepFit(best, errors[len(errors) // 2], errors[-1])
