@@ -20,3 +20,11 @@ def test_groups_cover_every_sequence_in_order() -> None:
     groups = _split_by_context(contexts)
     assert groups[0][0] == 0 and groups[-1][1] == len(contexts)
     assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+
+
+def test_a_prompt_chunk_does_not_pad_the_decodes_beside_it() -> None:
+    # A 128-token chunk (context 128) beside 16 one-token decodes at context 321: by context alone
+    # one group wastes little, but it would pad every decode to 128 queries.
+    contexts, queries = [128] + [321] * 16, [128] + [1] * 16
+    assert _split_by_context(contexts) == [(0, 17)]
+    assert _split_by_context(contexts, queries) == [(0, 1), (1, 17)]

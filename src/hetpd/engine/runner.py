@@ -63,7 +63,7 @@ class ModelRunner:
 
         groups = []
         token_start = 0
-        for first, last in _split_by_context([c.start + c.num_tokens for c in chunks]):
+        for first, last in _split_by_context([c.start + c.num_tokens for c in chunks], [c.num_tokens for c in chunks]):
             group = self._group(chunks[first:last], token_start)
             groups.append(group)
             token_start = group.token_end
@@ -123,16 +123,23 @@ class ModelRunner:
 _MIN_SAVING = 0.1
 
 
-def _split_by_context(contexts: list[int]) -> list[tuple[int, int]]:
+def _split_by_context(contexts: list[int], query_lens: list[int] | None = None) -> list[tuple[int, int]]:
     """Ranges of sequences (sorted by context length) that share one padded attention call.
 
-    Two groups when splitting saves at least ``_MIN_SAVING`` of the padded context positions
-    (B * max_context), else one."""
+    A group's attention is padded to batch x its longest query x its longest context. Two groups
+    when splitting saves at least ``_MIN_SAVING`` of that padded work, else one. (A prompt chunk
+    beside decodes is the case that matters: padding every one-token decode to the chunk's
+    length made such steps several times slower.)"""
     count = len(contexts)
-    whole = count * contexts[-1]
+    queries = query_lens if query_lens is not None else [1] * count
+
+    def padded(first: int, last: int) -> int:
+        return (last - first) * max(queries[first:last]) * contexts[last - 1]
+
+    whole = padded(0, count)
     best_cost, best_split = whole, count
     for split in range(1, count):
-        cost = split * contexts[split - 1] + (count - split) * contexts[-1]
+        cost = padded(0, split) + padded(split, count)
         if cost < best_cost:
             best_cost, best_split = cost, split
     if best_split == count or best_cost > (1 - _MIN_SAVING) * whole:
