@@ -66,6 +66,16 @@ def test_deterministic_across_builders_and_seeded() -> None:
     assert PromptBuilder(32000, SPECIAL, seed=1).build(request) != PromptBuilder(32000, SPECIAL).build(request)
 
 
+def test_a_salt_changes_the_unique_part_only() -> None:
+    """A sweep's runs use their own salts: no run finds another run's prompt in a prefix cache."""
+    request = spec(5, 900, (3,))
+    plain, salted = PromptBuilder(32000, SPECIAL, block_tokens=512), PromptBuilder(32000, SPECIAL, block_tokens=512,
+                                                                                   salt="run-1")
+    assert plain.build(request)[:512] == salted.build(request)[:512]  # the trace's shared prefix stays shared
+    assert plain.build(request)[512:] != salted.build(request)[512:]
+    assert PromptBuilder(32000, SPECIAL, salt="").build(request) == plain.build(request)
+
+
 def test_mooncake_sample_prefix_sharing() -> None:
     """The Mooncake trace's shared hash ids become shared token blocks."""
     builder = PromptBuilder(32000, SPECIAL)

@@ -8,14 +8,15 @@ from pathlib import Path
 import yaml
 
 from hetpd.plan.cost import load_efficiency
-from hetpd.plan.profile import profile, write
+from hetpd.plan.profile import load_steps, profile, write
 from hetpd.plan.scenario import parse_scenario
 from hetpd.plan.search import plan
 from hetpd.plan.spec import load_catalog
+from hetpd.plan.step_model import StepWork
 
 
 def test_profile_writes_a_calibration_the_planner_uses(tiny_model_dir: Callable[[str], Path], tmp_path: Path) -> None:
-    calibration = profile(tiny_model_dir("llama"), quick=True, log=lambda m: None)
+    calibration = profile(tiny_model_dir("llama"), quick=True, threads=1, log=lambda m: None)
     assert 0 < calibration.compute < 2 and 0 < calibration.memory < 2  # fractions of measured peaks
     assert calibration.accelerator["peak_tflops"]["fp32"] > 0 and calibration.accelerator["memory_tbps"] > 0
     path = tmp_path / "calibration.yaml"
@@ -35,3 +36,10 @@ def test_profile_writes_a_calibration_the_planner_uses(tiny_model_dir: Callable[
     assert calibrated is not None and default is not None
     assert calibrated.tpot.p50 != default.tpot.p50  # the measured efficiencies change the predicted step times
     assert yaml.safe_load(path.read_text())["measurements"]["decode_memory_efficiency"]
+    # The step model is fitted to every measured step and predicts them; the transports join the catalog.
+    steps = load_steps(str(path))
+    measured = yaml.safe_load(path.read_text())["measurements"]["steps"]
+    assert len(measured) >= 10 and calibration.threads == 1
+    errors = sorted(abs(steps.seconds(StepWork(*m["work"])) - m["seconds"]) / m["seconds"] for m in measured)
+    assert errors[len(errors) // 2] < 0.35  # a tiny model's steps are mostly overhead: noisy, but fitted
+    assert catalog.link("local_shm").bandwidth > 0 and catalog.link("local_tcp").bandwidth > 0

@@ -56,3 +56,48 @@ def test_a_slow_link_binds_and_a_narrow_wire_format_helps() -> None:
 def test_a_small_decode_pool_refuses_handoffs_and_they_are_redone() -> None:
     result = simulate(config(decode_tokens=4096), workload(20.0, n=40))
     assert result.retries > 0 and all(t.finished is not None for t in result.requests)
+
+
+def test_a_colocated_deployment_serves_whole_requests_on_one_pool() -> None:
+    from dataclasses import replace
+
+    requests = workload(4.0, 60)
+    colocated = replace(config(), colocated=True, prefill=PoolSpec(H100, 2, kv_pool_tokens=200_000))
+    sim = _Simulation(colocated, requests, None)
+    sim.run_until(3600)
+    assert not sim.decode and all(t.finished is not None and t.handoff_start is None for t in sim.times.values())
+    assert all(t.num_tokens == r.output_tokens for t, r in zip(sim.times.values(), requests, strict=True))
+    for instance in sim.prefill:
+        assert instance.allocator.num_available() == instance.allocator.num_blocks
+    assert sim.ledger.snapshot().peak_total_bytes == 0  # no handoff: nothing held twice
+    result = simulate(colocated, requests)
+    assert result.link_utilisation == 0 and result.decode_utilisation == 0 and result.e2e.count == 60
+    assert result.e2e.p50 > result.ttft.p50
+
+
+def test_measured_step_times_replace_the_roofline() -> None:
+    from dataclasses import replace
+
+    from hetpd.plan.step_model import MeasuredSteps
+
+    slow = MeasuredSteps(overhead=0.01, weights=0.05, prefill_token=0.001, decode_seq=0.001, prefill_pair=0.0,
+                         decode_context=0.0)
+    requests = workload(0.2, 20)  # light: no queueing, so latencies are step times
+    result = simulate(replace(config(), prefill=PoolSpec(H100, 1, steps=slow),
+                              decode=PoolSpec(H100, 1, kv_pool_tokens=400_000, steps=slow)), requests)
+    first = min(requests, key=lambda r: r.at or 0.0)
+    assert result.requests[first.index].ttft == pytest.approx(0.01 + max(0.05, 0.001 * first.input_tokens))
+    assert result.tpot.p50 == pytest.approx(0.06, rel=0.05)  # one or two decoders: the 50 ms floor + overhead
+
+
+def test_a_small_kv_pool_preempts_and_still_finishes() -> None:
+    from dataclasses import replace
+
+    requests = workload(50.0, 60)  # a burst into a decode pool of a few sequences' worth
+    tight = replace(config(decode_tokens=6_000), decode=PoolSpec(H100, 1, kv_pool_tokens=6_000))
+    sim = _Simulation(tight, requests, None)
+    sim.run_until(3600)
+    assert all(t.finished is not None for t in sim.times.values())
+    assert sim.preemptions > 0 or sim.retries > 0
+    for instance in sim.prefill + sim.decode:
+        assert instance.allocator.num_available() == instance.allocator.num_blocks

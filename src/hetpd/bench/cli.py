@@ -125,7 +125,9 @@ def main(argv: list[str]) -> int:
         workload = workload_from_args(args)
         tokenizer = _tokenizer(args.tokenizer)
         specials = frozenset(int(i) for i in tokenizer.backend.get_added_tokens_decoder())
-        builder = PromptBuilder(tokenizer.vocab_size, specials, seed=args.seed)
+        def builder(salt: str) -> PromptBuilder:  # each run its own unique prompts: no cross-run prefix hits
+            return PromptBuilder(tokenizer.vocab_size, specials, seed=args.seed, salt=salt)
+
         count = lambda text: len(tokenizer.encode(text))  # noqa: E731
         rates: list[float | None] = [float(r) for r in args.rates.split(",")] if args.rates else [None]
         # Every run's requests up front: a workload that cannot be built fails before any load is sent.
@@ -139,11 +141,13 @@ def main(argv: list[str]) -> int:
     runs: list[RunResult] = []
     if args.warmup > 0:
         warm = sweep[0][1][: args.warmup]
-        asyncio.run(run(warm, [builder.build(s) for s in warm], args.url, args.model, api_key=args.api_key,
+        warm_prompts = builder("warmup")
+        asyncio.run(run(warm, [warm_prompts.build(s) for s in warm], args.url, args.model, api_key=args.api_key,
                         concurrency=1, progress=None))
     concurrency = workload.arrival.concurrency if isinstance(workload.arrival, ConcurrencyArrival) else None
-    for rate, specs in sweep:
-        prompts = [builder.build(spec) for spec in specs]
+    for index, (rate, specs) in enumerate(sweep):
+        run_prompts = builder(f"run-{index}" if index else "")
+        prompts = [run_prompts.build(spec) for spec in specs]
         label = f"rate {rate:g}/s" if rate is not None else ""
         result = asyncio.run(run(specs, prompts, args.url, args.model, api_key=args.api_key, concurrency=concurrency,
                                  rate=rate, slo=slo, label=label))

@@ -13,7 +13,9 @@ Invariants of :meth:`PromptBuilder.build`:
   shared. Set ``block_tokens`` to the trace's block size (Mooncake: 512);
 - the rest of a prompt (all of it without prefix ids) is unique to the request, drawn from a
   stream seeded by its index, so unrelated requests share no prefix by accident;
-- the same builder arguments always give the same prompts.
+- the same builder arguments always give the same prompts; a different ``salt`` changes the
+  unique parts only (a sweep's runs and its warm-up each use their own, so no run finds another
+  run's prompts in the server's prefix cache).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ class PromptBuilder:
     """Builds prompts (token ids) for :class:`RequestSpec`\\ s; see the module docstring."""
 
     def __init__(self, vocab_size: int, special_ids: frozenset[int] = frozenset(),
-                 decode: Callable[[list[int]], str] | None = None, block_tokens: int = 512, seed: int = 0) -> None:
+                 decode: Callable[[list[int]], str] | None = None, block_tokens: int = 512, seed: int = 0,
+                 salt: str = "") -> None:
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
         if block_tokens < 1:
@@ -45,6 +48,7 @@ class PromptBuilder:
         self.special_ids = special
         self.block_tokens = block_tokens
         self.seed = seed
+        self.salt = salt
         self._decode = decode
         self._blocks: dict[int, list[int]] = {}
 
@@ -71,7 +75,8 @@ class PromptBuilder:
         del tokens[spec.input_tokens:]
         missing = spec.input_tokens - len(tokens)
         if missing:
-            rng = random.Random(f"hetpd-request:{self.seed}:{spec.index}")
+            key = f"hetpd-request:{self.seed}:{spec.index}" + (f":{self.salt}" if self.salt else "")
+            rng = random.Random(key)
             tokens.extend(rng.choices(self._allowed, k=missing))
         return tokens
 

@@ -150,7 +150,7 @@ def _build(cls: type, entry: dict[str, Any], where: str) -> Any:
 
 def _read(text: str, where: str, catalog: dict[str, dict[str, Any]]) -> None:
     raw = yaml.safe_load(text) or {}
-    unknown = set(raw) - {"accelerators", "links", "models", "efficiency", "measurements"}  # the last two: calibration
+    unknown = set(raw) - {"accelerators", "links", "models", "efficiency", "step_model", "measurements"}  # calibration
     if unknown:
         raise CatalogError(f"{where}: unknown sections {sorted(unknown)} (use accelerators, links, models)")
     kinds = {"accelerators": Accelerator, "links": Link, "models": ModelShape}

@@ -1,0 +1,80 @@
+#!/usr/bin/env python
+"""Simulator fidelity: the planner's prediction against a real `hetpd serve`, measured by `hetpd bench`.
+
+For a colocated deployment and a 1-prefill-1-decode one, on this machine: `hetpd profile` (with
+the threads `hetpd serve` gives each worker), then the simulator picks light, medium and
+near-saturation rates from the capacity it predicts, then `hetpd bench` measures the real
+deployment at each rate and the simulator replays the same requests. Targets (issue 6): median
+TTFT and median TPOT within 15%, goodput within 10%.
+
+    .venv/bin/python benchmarks/fidelity.py [--num-requests 30] [--modes colocated,1P1D]
+
+Writes benchmarks/results/fidelity/{fidelity.json,fidelity.md,fidelity.png} (and the raw bench,
+profile and serve files beside them). Don't run it beside other heavy jobs: the deployment and
+its profile share this machine's cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from hetpd.plan.fidelity import HEADER
+from hetpd.plan.fidelity_run import FidelityConfig, ModeResult, run_fidelity
+
+OUT = Path(__file__).parent / "results" / "fidelity"
+
+
+def draw(results: list[ModeResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [("TTFT p50 (ms)", "ttft_p50", 1000.0), ("TPOT p50 (ms)", "tpot_p50", 1000.0),
+               ("goodput (req/s)", "goodput", 1.0)]
+    fig, axes = plt.subplots(len(results), 3, figsize=(13, 3.6 * len(results)), squeeze=False)
+    for row, mode in zip(axes, results, strict=True):
+        rates = [p.rate for p in mode.points]
+        for ax, (title, name, scale) in zip(row, metrics, strict=True):
+            measured = [scale * getattr(p, f"measured_{name}") for p in mode.points]
+            simulated = [scale * getattr(p, f"simulated_{name}") for p in mode.points]
+            ax.plot(rates, measured, "o-", label="measured (hetpd serve + bench)")
+            ax.plot(rates, simulated, "s--", label="simulated (profiled)")
+            ax.set_title(f"{mode.mode}: {title}")
+            ax.set_xlabel("offered load (req/s)")
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--num-requests", type=int, default=30)
+    p.add_argument("--modes", default="colocated,1P1D")
+    p.add_argument("--out", type=Path, default=OUT)
+    args = p.parse_args()
+    config = FidelityConfig(modes=tuple(args.modes.split(",")), num_requests=args.num_requests)
+    results = run_fidelity(config, args.out)
+    points = [point for mode in results for point in mode.points]
+    lines = [HEADER] + [point.row() for point in points]
+    held = sum(point.within() for point in points)
+    lines.append(f"{held}/{len(points)} load points within the targets (TTFT, TPOT within 15%; goodput within 10%)")
+    print("\n".join(lines))
+    (args.out / "fidelity.md").write_text("```\n" + "\n".join(lines) + "\n```\n")
+    (args.out / "fidelity.json").write_text(json.dumps(
+        {"config": asdict(config), "modes": [{"mode": m.mode, "capacity": m.capacity,
+                                              "points": [{**asdict(p), "ttft_error": p.ttft_error,
+                                                          "tpot_error": p.tpot_error,
+                                                          "goodput_error": p.goodput_error} for p in m.points]}
+                                             for m in results]}, indent=1, default=str))
+    draw(results, args.out / "fidelity.png")
+    print(f"wrote {args.out / 'fidelity.md'}, fidelity.json and fidelity.png")
+
+
+if __name__ == "__main__":
+    main()

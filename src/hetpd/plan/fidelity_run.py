@@ -1,0 +1,177 @@
+"""Run the simulator's fidelity check on this machine: profile, serve, bench, simulate, compare.
+
+For each deployment (colocated, and one prefill + one decode worker) it
+1. runs ``hetpd profile --threads T`` with the thread count ``hetpd serve`` will give each worker,
+2. starts ``hetpd serve`` on that deployment (real router and worker processes),
+3. runs ``hetpd bench`` at each request rate (Poisson arrivals, the workload below),
+4. simulates the very same requests on the deployment as :func:`~hetpd.plan.fidelity.sim_config_for`
+   sees it, with the profiled step model and the profiled local transport as the link,
+and returns one :class:`~hetpd.plan.fidelity.Agreement` per load point. Without given rates it
+picks light, medium and near-saturation loads as fractions of the capacity the simulator
+predicts, so the operating points come from the model, not from the measurement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hetpd.bench.metrics import SLO, Distribution, Summary
+from hetpd.bench.report import load as load_bench
+from hetpd.bench.workload import build_requests, parse_workload
+from hetpd.plan.fidelity import Agreement, agreement, sim_config_for
+from hetpd.plan.profile import load_steps
+from hetpd.plan.simulator import SimConfig, SimResult, simulate
+from hetpd.plan.spec import ModelShape, load_catalog
+from hetpd.serve.deploy import parse_deployment
+
+DEPLOYMENTS: dict[str, list[dict[str, Any]]] = {
+    "colocated": [{"name": "colocated", "role": "colocated", "num_kv_blocks": 1024}],
+    "1P1D": [{"name": "prefill", "role": "prefill", "num_kv_blocks": 512},
+             {"name": "decode", "role": "decode", "num_kv_blocks": 1024}],
+}
+LOADS = (0.3, 0.6, 0.85)  # fractions of the predicted capacity: light, medium, near saturation
+
+
+@dataclass(frozen=True)
+class FidelityConfig:
+    modes: tuple[str, ...] = ("colocated", "1P1D")
+    num_requests: int = 30
+    input_range: tuple[int, int] = (64, 256)
+    output_range: tuple[int, int] = (16, 48)
+    loads: tuple[float, ...] = LOADS
+    slo: SLO = SLO(ttft=2.0, tpot=0.2)
+    quick_profile: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModeResult:
+    mode: str
+    capacity: float  # requests/s the simulator predicts at saturation
+    points: tuple[Agreement, ...]
+    simulated: tuple[SimResult, ...]
+    measured: tuple[Summary, ...]
+
+
+def workload(config: FidelityConfig, rate: float, run: int = 0) -> dict[str, Any]:
+    """The requests of one load point; each run its own seed, so no run meets another's prompts
+    in the server's prefix cache (which the simulator does not model)."""
+    return {"arrival": {"kind": "poisson", "rate": rate}, "num_requests": config.num_requests,
+            "seed": config.seed + run,
+            "lengths": {"kind": "uniform", "input": list(config.input_range), "output": list(config.output_range)}}
+
+
+def _hetpd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "hetpd.cli", *args]
+
+
+@contextmanager
+def serving(deploy_path: Path, log_path: Path, timeout: float = 300.0) -> Iterator[str]:
+    """A running ``hetpd serve --config deploy_path``; yields its URL and stops it afterwards."""
+    with log_path.open("w") as log:
+        process = subprocess.Popen(_hetpd("serve", "--config", str(deploy_path), "--port", "0"),
+                                   stdout=subprocess.PIPE, stderr=log, text=True)
+        found: list[str] = []
+
+        def read() -> None:
+            assert process.stdout is not None
+            for line in process.stdout:
+                match = re.search(r"on (http://\S+)", line)
+                if match and not found:
+                    found.append(match.group(1))
+
+        threading.Thread(target=read, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        try:
+            while not found:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"hetpd serve did not come up; see {log_path}")
+                time.sleep(0.2)
+            yield found[0]
+        finally:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def predicted_capacity(sim_config: SimConfig, config: FidelityConfig) -> float:
+    """Finished requests per second when every request arrives at once (the saturated throughput)."""
+    raw = workload(config, 1.0)
+    specs = [dataclasses.replace(s, at=0.0) for s in build_requests(parse_workload(raw))]
+    return simulate(sim_config, specs).throughput
+
+
+def run_fidelity(config: FidelityConfig, out: Path, log: Callable[[str], None] = lambda m: print(m, flush=True)
+                 ) -> list[ModeResult]:
+    from hetpd.models.config import ModelConfig
+    from hetpd.models.default_model import default_model_dir
+
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = default_model_dir(progress=log)
+    shape = ModelShape.from_config(ModelConfig.from_dir(model_dir), "smollm2-135m")
+    results = []
+    for mode in config.modes:
+        pools = DEPLOYMENTS[mode]
+        threads = max(1, (os.cpu_count() or 1) // len(pools))  # what `hetpd serve` gives each worker
+        calibration = out / f"calibration-{mode}.yaml"
+        log(f"[fidelity] {mode}: hetpd profile --threads {threads}")
+        profile_args = ["profile", "--threads", str(threads), "--out", str(calibration)]
+        subprocess.run(_hetpd(*profile_args, *(["--quick"] if config.quick_profile else [])), check=True,
+                       stdout=subprocess.DEVNULL, stderr=(out / f"profile-{mode}.log").open("w"))
+        catalog = load_catalog([calibration])
+        steps = load_steps(str(calibration))
+        deploy = parse_deployment({"model": str(model_dir), "served_model_name": "smollm2", "pools": pools})
+        sim_config = sim_config_for(deploy, shape, catalog.accelerator("local"), {p["name"]: steps for p in pools},
+                                    catalog.link("local_shm"))
+        capacity = predicted_capacity(sim_config, config)
+        rates = [round(capacity * f, 3) for f in config.loads]
+        log(f"[fidelity] {mode}: predicted capacity {capacity:.2f} req/s; rates {rates}")
+        deploy_path = out / f"{mode}.deploy.yaml"
+        deploy_path.write_text(yaml.safe_dump(deploy.model_dump(mode="json", exclude_defaults=True)))
+        points, simulated, measured = [], [], []
+        with serving(deploy_path, out / f"serve-{mode}.log") as url:
+            for run, rate in enumerate(rates):
+                workload_path = out / f"workload-{mode}-{rate}.yaml"
+                raw = workload(config, rate, run)
+                workload_path.write_text(yaml.safe_dump(raw))
+                bench_out = out / f"bench-{mode}-{rate}.json"
+                log(f"[fidelity] {mode}: hetpd bench at {rate} req/s ({config.num_requests} requests)")
+                subprocess.run(_hetpd("bench", "--url", url, "--model", "smollm2", "--workload", str(workload_path),
+                                      "--slo-ttft-ms", str(1000 * config.slo.ttft),
+                                      "--slo-tpot-ms", str(1000 * config.slo.tpot), "--out", str(bench_out)),
+                               check=True, stdout=subprocess.DEVNULL)
+                summary = _summary(load_bench(bench_out)["runs"][-1]["summary"])
+                result = simulate(sim_config, build_requests(parse_workload(raw)), config.slo)
+                point = agreement(mode, rate, summary, result)
+                log(f"[fidelity] {point.row()}")
+                points.append(point)
+                simulated.append(result)
+                measured.append(summary)
+        results.append(ModeResult(mode, capacity, tuple(points), tuple(simulated), tuple(measured)))
+    return results
+
+
+def _summary(raw: dict[str, Any]) -> Summary:
+    """A bench result file's summary back as a :class:`Summary` (the fields the comparison reads)."""
+    fields = {name: Distribution(**raw[name]) for name in ("ttft", "tpot", "itl", "e2e", "send_lag")}
+    slo = raw.get("slo") or {}
+    return Summary(raw["requests"], raw["succeeded"], raw["duration_s"], raw["request_throughput"],
+                   raw["output_throughput"], raw["goodput"], raw["slo_attainment"], **fields,
+                   errors=raw.get("errors") or {},
+                   slo=SLO(*(float("inf") if slo.get(k) is None else slo[k] for k in ("ttft", "tpot"))))
