@@ -14,17 +14,14 @@ Writes benchmarks/results/serving/{disaggregated,colocated}.json and report/{rep
 from __future__ import annotations
 
 import argparse
-import re
-import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import yaml
 
 from hetpd.models.default_model import default_model_dir
+from hetpd.serve.local import local_server
 
 OUT = Path(__file__).parent / "results" / "serving"
 DEPLOYMENTS = {
@@ -36,29 +33,6 @@ DEPLOYMENTS = {
         {"name": "colocated", "role": "colocated", "dtype": "bfloat16", "kv_cache_dtype": "int8", "num_kv_blocks": 1024},
     ],
 }
-
-
-def start(name: str, pools: list[dict[str, object]], model: Path) -> tuple[subprocess.Popen[str], str]:
-    config = OUT / f"{name}.deploy.yaml"
-    config.write_text(yaml.safe_dump({"model": str(model), "served_model_name": "smollm2", "pools": pools}))
-    process = subprocess.Popen([sys.executable, "-m", "hetpd.cli", "serve", "--config", str(config), "--port", "0"],
-                               stdout=subprocess.PIPE, text=True)
-    url: list[str] = []
-
-    def read() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            match = re.search(r"on (http://\S+)", line)
-            if match:
-                url.append(match.group(1))
-
-    threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + 300
-    while not url:
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"{name}: hetpd serve did not come up")
-        time.sleep(0.2)
-    return process, url[0]
 
 
 def main() -> None:
@@ -73,18 +47,16 @@ def main() -> None:
     results = []
     for name, pools in DEPLOYMENTS.items():
         print(f"== {name}", file=sys.stderr, flush=True)
-        process, url = start(name, pools, model)
-        try:
+        config = OUT / f"{name}.deploy.yaml"
+        config.write_text(yaml.safe_dump({"model": str(model), "served_model_name": "smollm2", "pools": pools}))
+        with local_server(config, OUT / f"{name}.serve.log") as server:
             result = OUT / f"{name}.json"
-            subprocess.run([sys.executable, "-m", "hetpd.cli", "bench", "--url", url, "--model", "smollm2",
+            subprocess.run([sys.executable, "-m", "hetpd.cli", "bench", "--url", server.url, "--model", "smollm2",
                             "--rates", args.rates, "--num-requests", str(args.num_requests), "--input-range",
                             f"{args.input_len // 2},{args.input_len}", "--output-len", str(args.output_len),
                             "--slo-ttft-ms", "1000", "--slo-tpot-ms", "100", "--name", name, "--out", str(result)],
                            check=True)
             results.append(result)
-        finally:
-            process.send_signal(signal.SIGINT)
-            process.wait(timeout=60)
     subprocess.run([sys.executable, "-m", "hetpd.cli", "bench", "report", *map(str, results), "--out",
                     str(OUT / "report")], check=True)
 

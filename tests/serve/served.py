@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
 import subprocess
-import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -18,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from hetpd.serve.local import local_server
 
 
 @dataclass
@@ -54,34 +51,10 @@ class Served:
 @contextmanager
 def serve(deploy: dict[str, Any], tmp_path: Path, timeout: float = 240.0,
           env: dict[str, str] | None = None) -> Iterator[Served]:
+    """``hetpd serve`` on ``deploy`` until the block ends (RuntimeError, with the log, if it never comes up)."""
     config = tmp_path / "deploy.yaml"
     config.write_text(yaml.safe_dump(deploy))
     log_path = tmp_path / "serve.log"
-    log = log_path.open("w")
-    process = subprocess.Popen([sys.executable, "-m", "hetpd.cli", "serve", "--config", str(config), "--port", "0"],
-                               stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, **(env or {})})
-    found: list[str] = []
-
-    def read() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            match = re.search(r"on (http://\S+)", line)
-            if match and not found:
-                found.append(match.group(1))
-
-    threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + timeout
-    while not found:
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"hetpd serve did not come up:\n{log_path.read_text()}")
-        time.sleep(0.1)
-    try:
-        yield Served(found[0], process, log_path, deploy.get("router", {}).get("api_key"))
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+    with local_server(config, log_path, timeout, env) as server:
+        yield Served(server.url, server.process, log_path, deploy.get("router", {}).get("api_key"))
+    time.sleep(0.2)

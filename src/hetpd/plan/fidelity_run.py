@@ -15,13 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +32,7 @@ from hetpd.plan.profile import load_steps
 from hetpd.plan.simulator import SimConfig, SimResult, simulate
 from hetpd.plan.spec import ModelShape, load_catalog
 from hetpd.serve.deploy import parse_deployment
+from hetpd.serve.local import local_server
 
 DEPLOYMENTS: dict[str, list[dict[str, Any]]] = {
     "colocated": [{"name": "colocated", "role": "colocated", "num_kv_blocks": 1024}],
@@ -78,38 +75,6 @@ def _hetpd(*args: str) -> list[str]:
     return [sys.executable, "-m", "hetpd.cli", *args]
 
 
-@contextmanager
-def serving(deploy_path: Path, log_path: Path, timeout: float = 300.0) -> Iterator[str]:
-    """A running ``hetpd serve --config deploy_path``; yields its URL and stops it afterwards."""
-    with log_path.open("w") as log:
-        process = subprocess.Popen(_hetpd("serve", "--config", str(deploy_path), "--port", "0"),
-                                   stdout=subprocess.PIPE, stderr=log, text=True)
-        found: list[str] = []
-
-        def read() -> None:
-            assert process.stdout is not None
-            for line in process.stdout:
-                match = re.search(r"on (http://\S+)", line)
-                if match and not found:
-                    found.append(match.group(1))
-
-        threading.Thread(target=read, daemon=True).start()
-        deadline = time.monotonic() + timeout
-        try:
-            while not found:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"hetpd serve did not come up; see {log_path}")
-                time.sleep(0.2)
-            yield found[0]
-        finally:
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
 def predicted_capacity(sim_config: SimConfig, config: FidelityConfig) -> float:
     """Finished requests per second when every request arrives at once (the saturated throughput)."""
     raw = workload(config, 1.0)
@@ -145,14 +110,14 @@ def run_fidelity(config: FidelityConfig, out: Path, log: Callable[[str], None] =
         deploy_path = out / f"{mode}.deploy.yaml"
         deploy_path.write_text(yaml.safe_dump(deploy.model_dump(mode="json", exclude_defaults=True)))
         points, simulated, measured = [], [], []
-        with serving(deploy_path, out / f"serve-{mode}.log") as url:
+        with local_server(deploy_path, out / f"serve-{mode}.log") as server:
             for run, rate in enumerate(rates):
                 workload_path = out / f"workload-{mode}-{rate}.yaml"
                 raw = workload(config, rate, run)
                 workload_path.write_text(yaml.safe_dump(raw))
                 bench_out = out / f"bench-{mode}-{rate}.json"
                 log(f"[fidelity] {mode}: hetpd bench at {rate} req/s ({config.num_requests} requests)")
-                subprocess.run(_hetpd("bench", "--url", url, "--model", "smollm2", "--workload", str(workload_path),
+                subprocess.run(_hetpd("bench", "--url", server.url, "--model", "smollm2", "--workload", str(workload_path),
                                       "--slo-ttft-ms", str(1000 * config.slo.ttft),
                                       "--slo-tpot-ms", str(1000 * config.slo.tpot), "--out", str(bench_out)),
                                check=True, stdout=subprocess.DEVNULL)
