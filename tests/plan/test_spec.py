@@ -51,3 +51,18 @@ def test_shape_from_an_hf_config(smollm2_dir: Path) -> None:
     shape = ModelShape.from_config(ModelConfig.from_dir(smollm2_dir), "smollm2")
     assert shape.params_total_b == pytest.approx(0.1346, rel=0.01)  # SmolLM2-135M (tied embeddings)
     assert shape.kv_elements_per_token() == 2 * 30 * 3 * 64
+
+
+def test_numeric_formats_carry_their_effective_bits_and_native_hardware() -> None:
+    from hetpd.plan.spec import FORMAT_BYTES
+
+    catalog = load_catalog()
+    by_planner_name = {f.planner_name: f for f in catalog.formats.values() if f.planner_name}
+    assert set(by_planner_name) == set(FORMAT_BYTES) - {"fp32"}
+    for name, entry in by_planner_name.items():  # the cost model's bytes are the catalog's effective bits
+        assert FORMAT_BYTES[name] == pytest.approx(entry.bytes_per_element, rel=1e-3), name
+        assert entry.effective_bits >= entry.element_bits and (entry.sources or entry.element_bits == 16)
+    int4 = by_planner_name["int4"]
+    assert int4.effective_bits > 4 and not int4.native_on  # dequantised in-kernel everywhere
+    assert "nvidia_h100_sxm" in by_planner_name["fp8"].native_on
+    assert "nvidia_a100_80gb_sxm" not in by_planner_name["fp8"].native_on

@@ -16,9 +16,10 @@ import yaml
 
 from hetpd.models.config import ModelConfig
 
-# Bytes per element of each compute/storage format the cost model knows (effective, scales included
-# for the quantised ones at hetpd's granularity: one fp32 scale per 64..128 elements is < 0.5 bit).
-FORMAT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5, "fp4": 0.5}
+# Bytes per element of each format the cost model knows: the effective bits (scales and zero points
+# included) of the catalog entry each name stands for (catalog/formats.yaml, `planner_name`; a test
+# keeps the two equal), over 8. fp32 has no catalog entry: 32 bits, no scales.
+FORMAT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 4.156 / 8, "fp4": 4.5 / 8}
 
 
 class CatalogError(ValueError):
@@ -117,10 +118,32 @@ class ModelShape:
 
 
 @dataclass(frozen=True)
+class NumericFormat:
+    """A number format for weights (W), activations (A) or KV: its element bits, its effective bits
+    with scales and zero points amortised, and the accelerators whose matrix units run it natively
+    (elsewhere it is dequantised: memory shrinks, compute runs at 16-bit rate)."""
+
+    id: str
+    name: str
+    element_bits: float
+    effective_bits: float
+    used_for: tuple[str, ...] = ()
+    native_on: tuple[str, ...] = ()
+    planner_name: str | None = None  # the cost model's short name for it (fp8, int4...), if it has one
+    confidence: str = "low"
+    sources: tuple[str, ...] = ()
+
+    @property
+    def bytes_per_element(self) -> float:
+        return self.effective_bits / 8
+
+
+@dataclass(frozen=True)
 class Catalog:
     accelerators: dict[str, Accelerator]
     links: dict[str, Link]
     models: dict[str, ModelShape]
+    formats: dict[str, NumericFormat] = field(default_factory=dict)
 
     def accelerator(self, ident: str) -> Accelerator:
         _require(self.accelerators, ident, "accelerator")
@@ -150,10 +173,10 @@ def _build(cls: type, entry: dict[str, Any], where: str) -> Any:
 
 def _read(text: str, where: str, catalog: dict[str, dict[str, Any]]) -> None:
     raw = yaml.safe_load(text) or {}
-    unknown = set(raw) - {"accelerators", "links", "models", "efficiency", "step_model", "measurements"}  # calibration
+    unknown = set(raw) - {"accelerators", "links", "models", "formats", "efficiency", "step_model", "measurements"}
     if unknown:
-        raise CatalogError(f"{where}: unknown sections {sorted(unknown)} (use accelerators, links, models)")
-    kinds = {"accelerators": Accelerator, "links": Link, "models": ModelShape}
+        raise CatalogError(f"{where}: unknown sections {sorted(unknown)} (use accelerators, links, models, formats)")
+    kinds = {"accelerators": Accelerator, "links": Link, "models": ModelShape, "formats": NumericFormat}
     for section, cls in kinds.items():
         for entry in raw.get(section) or []:
             item = _build(cls, dict(entry), where)
@@ -175,8 +198,8 @@ def load_catalog(extra: list[Path] | None = None, *, skip_incomplete: bool = Tru
 
     Built-in entries the research could not fill (no memory figures, say) are skipped when
     ``skip_incomplete``; a user's incomplete entry is always an error naming the field."""
-    catalog: dict[str, dict[str, Any]] = {"accelerators": {}, "links": {}, "models": {}}
-    for name in ("accelerators", "links", "models"):
+    catalog: dict[str, dict[str, Any]] = {"accelerators": {}, "links": {}, "models": {}, "formats": {}}
+    for name in ("accelerators", "links", "models", "formats"):
         text = resources.files("hetpd.plan").joinpath("catalog", f"{name}.yaml").read_text()
         if skip_incomplete and name == "accelerators":
             raw = yaml.safe_load(text)
@@ -186,4 +209,4 @@ def load_catalog(extra: list[Path] | None = None, *, skip_incomplete: bool = Tru
         _read(text, f"built-in {name}.yaml", catalog)
     for path in extra or []:
         _read(Path(path).read_text(), str(path), catalog)
-    return Catalog(catalog["accelerators"], catalog["links"], catalog["models"])
+    return Catalog(catalog["accelerators"], catalog["links"], catalog["models"], catalog["formats"])
