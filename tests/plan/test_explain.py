@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from hetpd.bench.metrics import SLO
 from hetpd.bench.workload import build_requests, parse_workload
 from hetpd.plan.explain import AXES, explain
@@ -29,3 +31,20 @@ def test_long_prompts_at_a_high_rate_bind_on_prefill_compute() -> None:
     config = SimConfig(LLAMA8, PoolSpec(H100, 1), PoolSpec(H100, 2), CATALOG.link("nvlink4_hopper"))
     why = explain(config, requests(40.0, [6000, 8000], [8, 16]), SLO(ttft=1.0, tpot=0.1))
     assert why.binding == "prefill compute", why.gains
+
+
+def test_reliefs_that_change_nothing_are_not_simulated_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hetpd.plan.explain as module
+
+    calls: list[SimConfig] = []
+    real = module.simulate
+    monkeypatch.setattr(module, "simulate", lambda config, *a, **k: calls.append(config) or real(config, *a, **k))
+    config = SimConfig(LLAMA8, PoolSpec(H100, 1), PoolSpec(H100, 1), CATALOG.link("roce_400g"))  # nothing converts
+    work = requests(4.0, [512, 1024], [8, 16])
+    full = explain(config, work, SLO(ttft=1.0, tpot=0.1))
+    # the base, 4 axes (conversion is a no-op), 6 pairs without conversion; the 4 pairs with it are single reliefs
+    assert len(calls) == 1 + 4 + 6 and full.gains["conversion"] == 0.0
+    assert all(full.coupling is not None and full.coupling["conversion"][a] == 0.0 for a in AXES)
+    calls.clear()
+    single = explain(config, work, SLO(ttft=1.0, tpot=0.1), base=full.goodput, coupling=False)
+    assert len(calls) == 4 and single.coupling is None and single.gains == full.gains

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ SMALL: dict[str, Any] = {
 
 
 def test_the_search_ranks_fits_and_explains_rejections() -> None:
-    result = plan(parse_scenario(SMALL), load_catalog())
+    result = plan(parse_scenario(SMALL), load_catalog(), keep=100)  # every fitting placement is in the table
     # 70B in bf16 (141 GB) fits neither an 80 GB H100 nor leaves room on a 141 GB H200: rejected, with the reason.
     assert any("capacity" in e.reason and e.candidate.prefill_weights == "bf16" for e in result.rejected)
     assert result.ranked and all(e.candidate.prefill_weights == "fp8" or e.candidate.prefill == "nvidia_h200_sxm"
@@ -38,6 +39,16 @@ def test_the_search_ranks_fits_and_explains_rejections() -> None:
         assert not any(o.goodput > e.goodput and o.accelerators <= e.accelerators for o in result.ranked)
     best = result.ranked[0].result
     assert best is not None and best.ttft.count == 30 and best.binding in ("prefill compute", "decode", "link")
+    assert not result.pruned and result.simulated == len(result.ranked)
+
+
+def test_a_placement_the_catalog_cannot_price_is_rejected_with_the_reason() -> None:
+    # The catalog lists the MetaX C600's fp8 throughput only: bf16 weights would run in bf16, which it has no figure for.
+    scenario = parse_scenario({**SMALL, "model": "llama_3_1_8b", "fleet": [{"accelerator": "metax_c600", "count": 2}]})
+    result = plan(scenario, load_catalog(), keep=100)
+    assert result.ranked and all(e.candidate.prefill_weights == e.candidate.decode_weights == "fp8" for e in result.ranked)
+    assert any(e.reason.startswith("prefill compute: the catalog gives metax_c600 no throughput for bf16")
+               for e in result.rejected)
 
 
 def test_bad_scenarios_name_the_field() -> None:
@@ -57,6 +68,14 @@ def test_the_command_line(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stderr
     assert "pareto" in done.stdout and "rejected:" in done.stdout and "binding:" in done.stdout and out.exists()
+    written = json.loads(out.read_text())
+    search = written["search"]
+    assert search["candidates"] == search["rejected"] + search["simulated"] + search["pruned"] > 0
+    assert f"{search['simulated']} simulated, {search['pruned']} pruned" in done.stdout
+    assert "candidates:" in done.stderr  # the progress bar
+    assert len(written["ranked"]) == search["simulated"] and len(written["pruned"]) == search["pruned"]
+    assert all(row["goodput_bound"] >= row["goodput"] for row in written["ranked"])
+    assert [e["coupling"] is not None for e in written["explained"]] == [True] + [False] * (len(written["explained"]) - 1)
     assert (tmp_path / "report" / "plan.png").stat().st_size > 10_000 and (tmp_path / "report" / "plan.html").exists()
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**SMALL, "link": "pigeon"}))

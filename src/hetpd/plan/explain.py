@@ -5,7 +5,9 @@ bandwidth, decode KV capacity, the link, conversion) and the simulator re-run on
 requests. The axis whose relief raises goodput most is the binding constraint. Doubling two
 axes at once and comparing with the two single gains gives the coupling matrix: a positive
 entry means the pair only pays off together (they bind jointly), a negative one that they
-relieve the same bottleneck. Pure Python.
+relieve the same bottleneck. A relief that leaves the deployment as it was (doubling the
+conversion rate where nothing converts) is not simulated again: its goodput is the one known.
+Pure Python.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import itertools
 from dataclasses import dataclass
 
 from hetpd.bench.workload import RequestSpec
+from hetpd.plan.bound import charged_goodput, horizon_for
 from hetpd.plan.simulator import SimConfig, simulate
 from hetpd.bench.metrics import SLO
 
@@ -48,7 +51,7 @@ def relieve(config: SimConfig, axis: str) -> SimConfig:
 class Explanation:
     goodput: float
     gains: dict[str, float]  # goodput gained when the axis's resource doubles (relative)
-    coupling: dict[str, dict[str, float]]  # joint gain minus the two single gains (relative)
+    coupling: dict[str, dict[str, float]] | None  # joint gain minus the two single gains (relative); None: not asked
 
     @property
     def binding(self) -> str:
@@ -56,19 +59,37 @@ class Explanation:
         return best if self.gains[best] > 0.01 else "none (the offered load is served)"
 
 
-def explain(config: SimConfig, requests: list[RequestSpec], slo: SLO, axes: tuple[str, ...] = AXES) -> Explanation:
-    base = simulate(config, requests, slo).goodput
-    scale = max(base, 1e-9)
+def explain(config: SimConfig, requests: list[RequestSpec], slo: SLO, axes: tuple[str, ...] = AXES,
+            base: float | None = None, coupling: bool = True) -> Explanation:
+    """Relieve each axis (and, with ``coupling``, each pair) and re-simulate; goodput as the planner
+    counts it (:func:`hetpd.plan.bound.charged_goodput`). ``base``: the deployment's goodput when
+    the caller already simulated it. Simulations: one per distinct
+    relieved deployment, at most ``1 + len(axes)`` plus ``len(axes) * (len(axes) - 1) / 2`` pairs."""
+    known: list[tuple[SimConfig, float]] = [] if base is None else [(config, base)]
+    horizon = horizon_for(requests)
+
+    def goodput(deployment: SimConfig) -> float:
+        for seen, value in known:
+            if seen == deployment:
+                return value
+        value = charged_goodput(simulate(deployment, requests, slo, horizon_s=horizon), horizon)
+        known.append((deployment, value))
+        return value
+
+    start = goodput(config)
+    scale = max(start, 1e-9)
 
     def gain(*names: str) -> float:
         relieved = config
         for name in names:
             relieved = relieve(relieved, name)
-        return (simulate(relieved, requests, slo).goodput - base) / scale
+        return (goodput(relieved) - start) / scale
 
     gains = {axis: gain(axis) for axis in axes}
-    coupling: dict[str, dict[str, float]] = {a: {b: 0.0 for b in axes} for a in axes}
+    if not coupling:
+        return Explanation(start, gains, None)
+    matrix: dict[str, dict[str, float]] = {a: {b: 0.0 for b in axes} for a in axes}
     for a, b in itertools.combinations(axes, 2):
         joint = gain(a, b) - gains[a] - gains[b]
-        coupling[a][b] = coupling[b][a] = joint
-    return Explanation(base, gains, coupling)
+        matrix[a][b] = matrix[b][a] = joint
+    return Explanation(start, gains, matrix)

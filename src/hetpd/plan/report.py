@@ -109,11 +109,17 @@ def draw(result: PlanResult, fleet: list[Accelerator], model: ModelShape, reques
     return png
 
 
-def write_html(png: Path, table: str, explained: list[dict[str, Any]], out: Path) -> Path:
+def write_html(png: Path, searched: str, table: str, explained: list[dict[str, Any]], out: Path) -> Path:
     image = base64.b64encode(png.read_bytes()).decode()
-    lines = "".join(f"<li>{html.escape(e['candidate'])}: <b>{html.escape(e['binding'])}</b></li>" for e in explained)
+
+    def line(e: dict[str, Any]) -> str:
+        gains = ", ".join(f"{html.escape(axis)} +{100 * g:.0f}%"
+                          for axis, g in sorted(e["gains"].items(), key=lambda kv: -kv[1]))
+        return f"<li>{html.escape(e['candidate'])}: <b>{html.escape(e['binding'])}</b> (doubled: {gains})</li>"
+
     page = (f"<!doctype html><meta charset='utf-8'><title>hetpd plan</title><h1>hetpd plan</h1>"
-            f"<pre>{html.escape(table)}</pre><h2>What binds</h2><ul>{lines}</ul>"
+            f"<p>{html.escape(searched)}</p><pre>{html.escape(table)}</pre>"
+            f"<h2>What binds</h2><ul>{''.join(line(e) for e in explained)}</ul>"
             f"<img src='data:image/png;base64,{image}' style='max-width:100%'>")
     path = out / "plan.html"
     path.write_text(page)

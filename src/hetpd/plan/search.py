@@ -1,14 +1,24 @@
-"""Search the placements a fleet allows, simulate each, rank them and say what binds. Pure Python.
+"""Search the placements a fleet allows, simulate the ones that can matter, rank them.
 
 A candidate picks an accelerator type and count for the prefill pool and for the decode pool,
 a weight precision per role, the decode side's KV format at rest and the KV format on the wire.
-Candidates that do not fit in memory are rejected with the reason; the rest run through the
-simulator (the runtime's own scheduler, allocator and leases) on the scenario's workload.
+Candidates that do not fit in memory (or whose compute format the catalog has no figure for)
+are rejected with the reason. The rest are searched by branch and bound: each gets an upper
+bound on its goodput from the cost model (:mod:`hetpd.plan.bound`), they are visited best
+bound first, and one is simulated (the runtime's own scheduler, allocator and leases on the
+scenario's workload) unless its bound proves it can neither enter the first ``keep`` rows of
+the ranking nor lie on the Pareto frontier. Those rows and the frontier are therefore exactly
+what simulating every candidate gives (``prune=False`` does that; a test compares the two).
+
+Goodput is the simulator's, except that a deployment which leaves a request unfinished an hour
+past the last arrival is charged that whole horizon (:func:`hetpd.plan.bound.charged_goodput`):
+a stuck deployment is not credited with the short span of the requests it did serve.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import itertools
 import math
 from collections.abc import Callable, Iterator
@@ -19,10 +29,11 @@ from hetpd.bench.workload import RequestSpec, build_requests
 from hetpd.kv.encodings import format_for
 from hetpd.kv.format import ModelFingerprint
 from hetpd.kv.plan import plan_handoff
+from hetpd.plan.bound import GoodputBound, charged_goodput, horizon_for
 from hetpd.plan.cost import Efficiency, kv_bytes_per_token, load_efficiency, memory_fit
 from hetpd.plan.scenario import Scenario
 from hetpd.plan.simulator import PoolSpec, SimConfig, SimResult, simulate
-from hetpd.plan.spec import Accelerator, Catalog, ModelShape
+from hetpd.plan.spec import Accelerator, Catalog, CatalogError, ModelShape
 
 # The KV wire/at-rest formats as hetpd KV encodings (what the representation check reasons about).
 KV_ENCODING = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "fp8": "fp8-tensor-f32", "int8": "int8-token-f32",
@@ -51,26 +62,9 @@ class Candidate:
                 f"D {pool(self.decode_count, self.decode_tp, self.decode)}[{self.decode_weights}, kv {self.kv_format}] "
                 f"wire {self.wire_format}")
 
-
-@dataclass(frozen=True)
-class Evaluation:
-    candidate: Candidate
-    fits: bool
-    reason: str  # why it was rejected, or the representation verdict of its handoff
-    result: SimResult | None = None
-
     @property
     def accelerators(self) -> int:
-        c = self.candidate
-        return c.prefill_count * c.prefill_tp + c.decode_count * c.decode_tp
-
-    @property
-    def goodput(self) -> float:
-        return 0.0 if self.result is None else self.result.goodput
-
-    @property
-    def goodput_per_accelerator(self) -> float:
-        return self.goodput / self.accelerators
+        return self.prefill_count * self.prefill_tp + self.decode_count * self.decode_tp
 
     def cost_per_hour(self, catalog: Catalog) -> float | None:
         """Summed price of the accelerators used, when every one of them has a price in the catalog."""
@@ -82,18 +76,79 @@ class Evaluation:
 
     def _summed(self, catalog: Catalog, figure: Callable[[Accelerator], float | None]) -> float | None:
         """A per-accelerator figure summed over every accelerator used (None if one lacks it)."""
-        c = self.candidate
-        prefill, decode = figure(catalog.accelerator(c.prefill)), figure(catalog.accelerator(c.decode))
+        prefill, decode = figure(catalog.accelerator(self.prefill)), figure(catalog.accelerator(self.decode))
         if prefill is None or decode is None:
             return None
-        return c.prefill_count * c.prefill_tp * prefill + c.decode_count * c.decode_tp * decode
+        return self.prefill_count * self.prefill_tp * prefill + self.decode_count * self.decode_tp * decode
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    candidate: Candidate
+    fits: bool
+    reason: str  # why it was rejected, or the representation verdict of its handoff
+    result: SimResult | None = None
+    goodput: float = 0.0  # requests/s within the SLO, as the planner counts it (bound.charged_goodput)
+    bound: float | None = None  # the upper bound on its goodput the search visited it by (>= goodput)
+
+    @property
+    def accelerators(self) -> int:
+        return self.candidate.accelerators
+
+    @property
+    def unfinished(self) -> int:
+        """Requests the simulation left unfinished (stuck, or past the horizon)."""
+        return 0 if self.result is None else sum(t.finished is None for t in self.result.requests)
+
+    @property
+    def goodput_per_accelerator(self) -> float:
+        return self.goodput / self.accelerators
+
+    def cost_per_hour(self, catalog: Catalog) -> float | None:
+        return self.candidate.cost_per_hour(catalog)
+
+    def power_kw(self, catalog: Catalog) -> float | None:
+        return self.candidate.power_kw(catalog)
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """A fitting candidate never simulated: its goodput bound proves it off the table and the frontier."""
+
+    candidate: Candidate
+    bound: float  # upper bound on its goodput
+
+    @property
+    def accelerators(self) -> int:
+        return self.candidate.accelerators
+
+
+@dataclass(frozen=True)
+class SearchProgress:
+    """Where a search stands: ``done`` of ``total`` candidates settled (rejected, simulated or pruned)."""
+
+    done: int
+    total: int
+    rejected: int
+    simulated: int
+    pruned: int
 
 
 @dataclass(frozen=True)
 class PlanResult:
-    ranked: tuple[Evaluation, ...]  # best goodput per accelerator first
+    """Invariants: ``ranked`` holds the simulated candidates, best first; its first ``keep`` rows and
+    ``pareto`` equal what simulating every fitting candidate would give. Every fitting candidate is
+    in ``ranked`` or in ``pruned``."""
+
+    ranked: tuple[Evaluation, ...]  # best score first (goodput per accelerator, $ or kW); ties: fewer accelerators
     rejected: tuple[Evaluation, ...]
-    pareto: tuple[Evaluation, ...]  # no other candidate has more goodput with as few accelerators
+    pareto: tuple[Evaluation, ...]  # no other placement has as much goodput with as few accelerators, and more of one
+    pruned: tuple[Pruned, ...] = ()
+    keep: int = 0  # how many leading rows of ``ranked`` are exact
+
+    @property
+    def simulated(self) -> int:
+        return len(self.ranked)
 
 
 def candidates(scenario: Scenario) -> Iterator[Candidate]:
@@ -118,7 +173,15 @@ def evaluate(candidate: Candidate, scenario: Scenario, catalog: Catalog, model: 
     if isinstance(built, Evaluation):
         return built
     config, verdict = built
-    return Evaluation(candidate, True, verdict, simulate(config, requests, scenario_slo(scenario)))
+    return simulated(candidate, config, verdict, requests, scenario_slo(scenario))
+
+
+def simulated(candidate: Candidate, config: SimConfig, verdict: str, requests: list[RequestSpec], slo: SLO,
+              bound: float | None = None) -> Evaluation:
+    """Simulate a fitting candidate for an hour past the last arrival; goodput as the planner counts it."""
+    horizon = horizon_for(requests)
+    result = simulate(config, requests, slo, horizon_s=horizon)
+    return Evaluation(candidate, True, verdict, result, charged_goodput(result, horizon), bound)
 
 
 def scenario_slo(scenario: Scenario) -> SLO:
@@ -131,6 +194,12 @@ def build_config(candidate: Candidate, scenario: Scenario, catalog: Catalog, mod
     c = candidate
     p_acc = tensor_parallel(catalog.accelerator(c.prefill), c.prefill_tp)
     d_acc = tensor_parallel(catalog.accelerator(c.decode), c.decode_tp)
+    for role, acc, weights in (("prefill", p_acc, c.prefill_weights), ("decode", d_acc, c.decode_weights)):
+        try:
+            acc.flops(_compute(acc, weights))
+        except CatalogError:
+            return Evaluation(c, False, f"{role} compute: the catalog gives {c.prefill if role == 'prefill' else c.decode} "
+                                        f"no throughput for {_compute(acc, weights)} ({weights} weights run in it)")
     longest = max(r.input_tokens + r.output_tokens for r in requests)
     p_fit = memory_fit(model, p_acc, c.prefill_weights, "bf16", PREFILL_BATCH_TOKENS)
     if not p_fit.fits:
@@ -172,28 +241,96 @@ def _compute(acc: Accelerator, weights: str) -> str:
     return weights if acc.runs_natively(weights) else "bf16"
 
 
-def plan(scenario: Scenario, catalog: Catalog, progress: Callable[[int, int], None] | None = None,
-         rank_by: str = "accelerator") -> PlanResult:
-    """``rank_by``: goodput per "accelerator", per "cost" (price per hour, from the catalog) or per
-    "power" (kW of TDP). Placements without the figure rank last."""
-    if rank_by not in ("accelerator", "cost", "power"):
+RANKINGS = ("accelerator", "cost", "power")
+
+
+def score(candidate: Candidate, goodput: float, catalog: Catalog, rank_by: str) -> float:
+    """What the ranking sorts by: goodput per accelerator, per $/h or per kW; -1 without the figure.
+    Monotone in ``goodput`` for a given candidate (a bound on goodput bounds the score)."""
+    if rank_by == "accelerator":
+        return goodput / candidate.accelerators
+    denominator = candidate.cost_per_hour(catalog) if rank_by == "cost" else candidate.power_kw(catalog)
+    return -1.0 if not denominator else goodput / denominator
+
+
+def pareto_frontier(ranked: list[Evaluation]) -> list[Evaluation]:
+    """The placements no other beats on both goodput and accelerators (as good in both, better in
+    one), fewest accelerators first; of several at the same point, the best ranked."""
+    position = {id(e): i for i, e in enumerate(ranked)}
+    frontier: list[Evaluation] = []
+    best = -math.inf
+    for e in sorted(ranked, key=lambda e: (e.accelerators, -e.goodput, position[id(e)])):
+        if e.goodput > best:
+            frontier.append(e)
+            best = e.goodput
+    return frontier
+
+
+def plan(scenario: Scenario, catalog: Catalog, progress: Callable[[SearchProgress], None] | None = None,
+         rank_by: str = "accelerator", keep: int = 10, prune: bool = True) -> PlanResult:
+    """Search the scenario's placements: the first ``keep`` rows of the ranking and the Pareto
+    frontier are exact. ``rank_by``: goodput per "accelerator", per "cost" (price per hour, from
+    the catalog) or per "power" (kW of TDP); placements without the figure rank last.
+    ``prune=False`` simulates every fitting candidate (brute force).
+
+    A candidate is skipped only when (1) its score bound ranks after the ``keep``-th best simulated
+    candidate (ties broken by accelerators, then enumeration order, so its true rank does too) and
+    (2) a simulated candidate with at most as many accelerators has at least its goodput bound
+    (strictly more, or with strictly fewer accelerators): it is then dominated, so off the frontier.
+    Both tests only get easier as more candidates are simulated, so a skip never needs undoing."""
+    if rank_by not in RANKINGS:
         raise ValueError(f"rank_by {rank_by!r}: choose accelerator, cost or power")
+    if keep < 1:
+        raise ValueError(f"keep {keep}: the search must keep at least the best placement")
     model = catalog.model(scenario.model)
     requests = build_requests(scenario.workload)
+    slo = scenario_slo(scenario)
     efficiency = load_efficiency(scenario.calibration) if scenario.calibration else Efficiency()
     everything = list(candidates(scenario))
-    done: list[Evaluation] = []
-    for i, candidate in enumerate(everything):
-        done.append(evaluate(candidate, scenario, catalog, model, requests, efficiency))
-        if progress is not None:
-            progress(i + 1, len(everything))
-    def score(e: Evaluation) -> float:
-        if rank_by == "accelerator":
-            return e.goodput_per_accelerator
-        denominator = e.cost_per_hour(catalog) if rank_by == "cost" else e.power_kw(catalog)
-        return -1.0 if not denominator else e.goodput / denominator
+    rejected: list[Evaluation] = []
+    fitting: list[tuple[int, Candidate, SimConfig, str]] = []
+    for index, candidate in enumerate(everything):
+        built = build_config(candidate, scenario, catalog, model, requests, efficiency)
+        if isinstance(built, Evaluation):
+            rejected.append(built)
+        else:
+            fitting.append((index, candidate, *built))
+    bound = GoodputBound(requests, slo, horizon_for(requests))
+    bounds = [bound(config) if prune else math.inf for _, _, config, _ in fitting]
 
-    ok = sorted((e for e in done if e.fits), key=lambda e: (-score(e), e.accelerators))
-    pareto = [e for e in ok if not any(o.goodput > e.goodput and o.accelerators <= e.accelerators for o in ok)]
-    pareto = sorted({(e.accelerators, round(e.goodput, 6)): e for e in pareto}.values(), key=lambda e: e.accelerators)
-    return PlanResult(tuple(ok), tuple(e for e in done if not e.fits), tuple(pareto))
+    def key(index: int, candidate: Candidate, goodput: float) -> tuple[float, int, int]:
+        """Ranking order, smaller first; distinct for distinct candidates."""
+        return -score(candidate, goodput, catalog, rank_by), candidate.accelerators, index
+
+    order = sorted(range(len(fitting)), key=lambda i: key(fitting[i][0], fitting[i][1], bounds[i]))
+    worst_kept: list[tuple[float, int, int]] = []  # heap of the best ``keep`` keys, negated: [0] is the keep-th
+    best_at: dict[int, float] = {}  # accelerators -> most goodput simulated
+    visited: list[tuple[tuple[float, int, int], Evaluation]] = []
+    pruned: list[Pruned] = []
+    for i in order:
+        index, candidate, config, verdict = fitting[i]
+        ceiling, used = bounds[i], candidate.accelerators
+        off_table = len(worst_kept) == keep and key(index, candidate, ceiling) > _negated(worst_kept[0])
+        off_frontier = any(g > ceiling or (g >= ceiling and a < used) for a, g in best_at.items() if a <= used)
+        if off_table and off_frontier:
+            pruned.append(Pruned(candidate, ceiling))
+        else:
+            evaluation = simulated(candidate, config, verdict, requests, slo, ceiling if prune else None)
+            k = key(index, candidate, evaluation.goodput)
+            visited.append((k, evaluation))
+            heapq.heappush(worst_kept, _negated(k))
+            if len(worst_kept) > keep:
+                heapq.heappop(worst_kept)
+            best_at[used] = max(best_at.get(used, -math.inf), evaluation.goodput)
+        if progress is not None:
+            progress(SearchProgress(len(rejected) + len(visited) + len(pruned), len(everything), len(rejected),
+                                    len(visited), len(pruned)))
+    if progress is not None and not fitting:
+        progress(SearchProgress(len(everything), len(everything), len(rejected), 0, 0))
+    ranked = [e for _, e in sorted(visited, key=lambda pair: pair[0])]
+    return PlanResult(tuple(ranked), tuple(rejected), tuple(pareto_frontier(ranked)), tuple(pruned), keep)
+
+
+def _negated(key: tuple[float, int, int]) -> tuple[float, int, int]:
+    """A ranking key turned around, so that a min-heap of them keeps its worst at the top."""
+    return -key[0], -key[1], -key[2]
