@@ -125,8 +125,8 @@ def test_every_request_finishes_and_every_page_comes_back(name: str, monkeypatch
     deployment, requests = CASES[name]
     sim = checked_run(deployment, requests, monkeypatch)
     assert all(t.finished is not None for t in sim.times)
-    refused_again = sim.retries  # each refusal costs one more first token
-    assert sum(t.num_tokens for t in sim.times) == sum(r.output_tokens for r in requests) + refused_again
+    # A refused handoff is prefilled again, but its first token was streamed already: counted once.
+    assert sum(t.num_tokens for t in sim.times) == sum(r.output_tokens for r in requests)
     for engine in sim.engines:
         assert engine.free == engine.num_blocks
         assert not engine.running and not engine.waiting and not engine.prefilling and engine.batch == 0
@@ -142,9 +142,6 @@ def test_random_deployments_agree_with_the_exact_simulator() -> None:
         deployment, requests = random_case(rng)
         try:
             exact = simulate(deployment, requests, SLOS)
-        except RuntimeError as error:  # simulate's add_running when a full running set gets a handoff
-            assert "running set is full" in str(error)
-            continue
         except ValueError as error:  # a request larger than a whole prefill pool
             with pytest.raises(ValueError) as fast_error:
                 simulate_fast(deployment, requests, SLOS)
@@ -152,7 +149,7 @@ def test_random_deployments_agree_with_the_exact_simulator() -> None:
             continue
         assert_same(exact, simulate_fast(deployment, requests, SLOS))
         compared += 1
-    assert compared >= 40
+    assert compared >= 50
 
 
 def random_case(rng: random.Random) -> tuple[SimConfig, list[RequestSpec]]:
@@ -253,14 +250,13 @@ def test_requests_of_at_most_one_token_finish_at_prefill() -> None:
 @pytest.mark.parametrize("requests", [[], workload(1.0, 3)])
 def test_a_prefill_pool_without_instances_fails_in_both(requests: list[RequestSpec]) -> None:
     deployment = replace(config(), prefill=PoolSpec(H100, 0))
-    with pytest.raises((ValueError, ZeroDivisionError)):
-        simulate(deployment, requests)
-    with pytest.raises(ValueError, match="at least one prefill instance"):
-        simulate_fast(deployment, requests)
+    for run in (simulate, simulate_fast):
+        with pytest.raises(ValueError, match="prefill.count: a deployment needs at least one instance"):
+            run(deployment, requests)
 
 
-def test_a_decode_pool_without_instances_refuses_every_handoff_in_both() -> None:
+def test_a_decode_pool_without_instances_is_refused_up_front_by_both() -> None:
     deployment, requests = replace(config(), decode=PoolSpec(H100, 0)), workload(1.0, 3)
-    exact, fast = simulate(deployment, requests), simulate_fast(deployment, requests)
-    assert fast.retries == exact.retries == 3 and fast.throughput == exact.throughput == 0
-    assert [t.first_token for t in fast.requests] == pytest.approx([t.first_token for t in exact.requests])
+    for run in (simulate, simulate_fast):
+        with pytest.raises(ValueError, match="decode.count"):
+            run(deployment, requests)

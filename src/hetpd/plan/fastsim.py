@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from hetpd.bench.metrics import SLO, Distribution
 from hetpd.bench.workload import RequestSpec
 from hetpd.plan.cost import handoff_time, kv_bytes_per_token
-from hetpd.plan.simulator import PoolSpec, RequestTimes, SimConfig, SimResult
+from hetpd.plan.simulator import PoolSpec, RequestTimes, SimConfig, SimResult, check_pools
 from hetpd.plan.step_model import MeasuredSteps, RooflineSteps, StepCoster, StepWork
 
 _PROBE = 1 << 20  # the context at which a coster is evaluated a second time to get its slope
@@ -176,6 +176,7 @@ class _Engine:
         self.page = config.page_tokens
         self.num_blocks = max(1, pool.kv_pool_tokens // config.page_tokens)
         self.max_seqs = pool.max_num_seqs
+        self.reserved_seqs = 0  # handoffs admitted here whose KV has not landed: their slots are taken
         self.budget = pool.max_batch_tokens
         self.free = self.num_blocks
         self.waiting: deque[_Sequence] = deque()
@@ -218,20 +219,25 @@ class _Engine:
 
     def join(self, seq: _Sequence, now: float) -> None:
         """A handed-off sequence (its pages reserved at admission) runs from the next step."""
+        self.reserved_seqs -= 1
         self.running[seq.r] = seq
         self.pending.append(seq)
         self._touch(now)
 
     def reserve(self, pages: int, now: float) -> None:
-        """Pages taken for a handoff; a segment that would now run short is planned again."""
+        """Pages (and a sequence slot) taken for a handoff; a segment that would now run short is
+        planned again."""
         self.free -= pages
+        self.reserved_seqs += 1
         if self.state == _SEGMENT and self._crossings(self.seg_n) > self.free:
             self._cut(now)
 
-    def release(self, pages: int) -> None:
-        """Pages back from a handoff. Like ``simulate`` (the allocator is freed, nobody kicks the
-        scheduler) an idle instance stays idle until its next arrival."""
+    def release(self, pages: int, now: float) -> None:
+        """Pages back from a handoff; an idle instance with queued prompts that now fit starts
+        (as ``simulate`` kicks the scheduler)."""
         self.free += pages
+        if self.waiting:
+            self._touch(now)
 
     def wake(self, now: float, version: int) -> None:
         if version != self.version:
@@ -526,7 +532,9 @@ class _Engine:
             seq.computed = start + num_new
             if seq.computed != seq.tokens:
                 continue  # a prompt chunk that does not reach the end
-            sim.times[seq.r].token(now)
+            times = sim.times[seq.r]
+            if not (self.hands_off and times.first_token is not None):  # a re-prefill's token was sent already
+                times.token(now)
             if self.hands_off:
                 del self.running[seq.r]
                 del self.prefilling[seq.r]
@@ -552,8 +560,7 @@ class _Simulation:
     """One run's state: the instances, the link, the requests' times; :func:`simulate_fast` drives it."""
 
     def __init__(self, config: SimConfig, requests: Seq[RequestSpec]) -> None:
-        if config.prefill.count < 1:  # simulate fails too (no instance to route to, or a division by zero)
-            raise ValueError(f"a deployment needs at least one prefill instance, got {config.prefill.count}")
+        check_pools(config)
         self.cfg = config
         self.requests = list(requests)
         self.times = [RequestTimes(r.at or 0.0) for r in self.requests]
@@ -630,7 +637,7 @@ class _Simulation:
     def prefilled(self, engine: _Engine, seq: _Sequence, now: float) -> None:
         """A prefill instance of a disaggregated deployment produced the first token."""
         if seq.output <= 1:
-            engine.release(seq.held)
+            engine.release(seq.held, now)
             self.times[seq.r].finished = now
             return
         self.offer(engine, seq, now)
@@ -643,14 +650,15 @@ class _Simulation:
         best_free = -1
         for engine in self.decode:
             # free_at(now) <= engine.free: an instance that cannot beat the best so far is not asked
-            if engine.free > best_free and engine.free >= need and len(engine.running) < engine.max_seqs:
+            if engine.free > best_free and engine.free >= need and \
+                    len(engine.running) + engine.reserved_seqs < engine.max_seqs:
                 free = engine.free_at(now)
                 if free >= need and free > best_free:
                     best, best_free = engine, free
         if best is None:
             self.retries += 1
             self.refused.append(seq.r)
-            producer.release(need)
+            producer.release(need, now)
             return
         best.reserve(need, now)
         held = int(self.producer_bytes * seq.input) + int(self.consumer_bytes * seq.input)
@@ -676,7 +684,7 @@ class _Simulation:
         self.times[r].handoff_end = now
         self.target.pop(r).join(_Sequence(r, spec.input_tokens, spec.output_tokens, spec.input_tokens + 1,
                                           spec.input_tokens, pages), now)
-        self.producer.pop(r).release(pages)
+        self.producer.pop(r).release(pages, now)
 
     def finished(self, r: int, now: float) -> None:
         """A request's last token: room freed, so every refused request gets another go."""

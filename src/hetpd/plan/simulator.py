@@ -133,6 +133,7 @@ class _Instance:
                                                               pool.weight_fmt, pool.kv_fmt, config.efficiency)
         self.current: SchedulerOutput | None = None
         self.busy_time = 0.0
+        self.reserving: set[str] = set()  # handoffs admitted here whose KV has not landed: slots taken
 
 
 def step_work(output: SchedulerOutput) -> StepWork:
@@ -149,10 +150,20 @@ def step_work(output: SchedulerOutput) -> StepWork:
     return StepWork(prefill_tokens, prefill_pairs, decode_seqs, decode_context)
 
 
+def check_pools(config: SimConfig) -> None:
+    """A deployment to simulate has at least one instance in each pool it uses."""
+    if config.prefill.count < 1:
+        raise ValueError(f"prefill.count: a deployment needs at least one instance, got {config.prefill.count}")
+    if not config.colocated and config.decode.count < 1:
+        raise ValueError(f"decode.count: a disaggregated deployment needs at least one decode instance, "
+                         f"got {config.decode.count}")
+
+
 class _Simulation:
     """One run's mutable state; :func:`simulate` is the entry point."""
 
     def __init__(self, config: SimConfig, requests: Seq[RequestSpec], lease: LeaseConfig | None) -> None:
+        check_pools(config)
         self.cfg = config
         self.prefill = [_Instance(f"prefill-{i}", config.prefill, config) for i in range(config.prefill.count)]
         self.decode = [] if config.colocated else [_Instance(f"decode-{i}", config.decode, config)
@@ -236,8 +247,10 @@ class _Simulation:
         for chunk in sampling:
             request_id, seq = chunk.seq.seq_id, chunk.seq
             times, spec = self.times[request_id], self.specs[request_id]
-            times.token(now)
-            if inst in self.prefill and not self.cfg.colocated:
+            hands_off = inst in self.prefill and not self.cfg.colocated
+            if not (hands_off and times.first_token is not None):  # a re-prefill's token was sent already
+                times.token(now)
+            if hands_off:
                 blocks = inst.scheduler.finish(seq, keep_blocks=True)
                 if spec.output_tokens <= 1:
                     inst.allocator.free(blocks)
@@ -280,6 +293,10 @@ class _Simulation:
                 instance = owner.get(effect.lease.lease_id)
                 if instance is not None:
                     instance.allocator.free(list(effect.block_ids))
+                    if side is Side.PRODUCER:
+                        self.kick(instance, now)  # queued prompts may fit now
+                    elif not effect.refused:
+                        instance.reserving.discard(effect.lease.lease_id)
             elif isinstance(effect, AdoptBlocks):
                 self.commit(effect.request_id, list(effect.block_ids), now)
             elif isinstance(effect, Ended) and side is Side.PRODUCER and effect.failure is not None:
@@ -289,12 +306,14 @@ class _Simulation:
     def admit(self, offer: ReserveRequest, now: float) -> None:
         spec = self.specs[offer.request_id]
         need = -(-spec.input_tokens // self.cfg.page_tokens)
-        room = [d for d in self.decode if d.allocator.num_available() >= need and d.scheduler.can_add_running()]
+        room = [d for d in self.decode if d.allocator.num_available() >= need
+                and len(d.scheduler.running) + len(d.reserving) < d.pool.max_num_seqs]
         if not room:
             self.apply(Side.CONSUMER, self.consumers.refuse(offer, "decode pool full", now), now)
             return
         chosen = max(room, key=lambda d: d.allocator.num_available())
         self.target[offer.request_id] = chosen
+        chosen.reserving.add(offer.request_id)
         nbytes = int(kv_bytes_per_token(self.cfg.model, self.cfg.decode.kv_fmt) * spec.input_tokens)
         self.apply(Side.CONSUMER, self.consumers.reserve(offer, chosen.allocator.allocate(need), nbytes, now), now)
 
@@ -315,6 +334,7 @@ class _Simulation:
         seq.num_computed_tokens = spec.input_tokens
         seq.block_table = blocks
         instance = self.target[request_id]
+        instance.reserving.discard(request_id)
         instance.scheduler.add_running(seq)
         self.times[request_id].handoff_end = now
         self.kick(instance, now)
