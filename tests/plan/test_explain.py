@@ -37,8 +37,8 @@ def test_reliefs_that_change_nothing_are_not_simulated_again(monkeypatch: pytest
     import hetpd.plan.explain as module
 
     calls: list[SimConfig] = []
-    real = module.simulate
-    monkeypatch.setattr(module, "simulate", lambda config, *a, **k: calls.append(config) or real(config, *a, **k))
+    real = module.run_simulator
+    monkeypatch.setattr(module, "run_simulator", lambda config, *a: calls.append(config) or real(config, *a))
     config = SimConfig(LLAMA8, PoolSpec(H100, 1), PoolSpec(H100, 1), CATALOG.link("roce_400g"))  # nothing converts
     work = requests(4.0, [512, 1024], [8, 16])
     full = explain(config, work, SLO(ttft=1.0, tpot=0.1))

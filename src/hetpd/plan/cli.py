@@ -37,13 +37,14 @@ def _row(e: Evaluation) -> dict[str, Any]:
             "peak_transient_bytes": r.peak_transient_bytes if r else None}
 
 
-def searched(result: PlanResult, seconds: float | None = None) -> str:
+def searched(result: PlanResult, seconds: float | None = None, brute_force: bool = False) -> str:
     """One line: how many candidates the search rejected, simulated and pruned."""
     total = len(result.rejected) + result.simulated + len(result.pruned)
     took = "" if seconds is None else f" in {seconds:.1f} s"
+    why = ("brute force: every fitting candidate simulated" if brute_force else
+           f"their goodput bound keeps them out of the top {result.keep} and off the Pareto frontier")
     return (f"searched {total} candidates{took}: {len(result.rejected)} rejected, {result.simulated} simulated, "
-            f"{len(result.pruned)} pruned (their goodput bound keeps them out of the top {result.keep} "
-            "and off the Pareto frontier)")
+            f"{len(result.pruned)} pruned ({why})")
 
 
 def table(result: PlanResult, top: int) -> str:
@@ -88,7 +89,11 @@ def main(argv: list[str]) -> int:
                    help="goodput per accelerator, per $/h (needs price_per_hour in the catalog) or per kW of TDP")
     p.add_argument("--brute-force", action="store_true",
                    help="simulate every fitting candidate instead of pruning by the goodput bound (same table, slower)")
-    p.add_argument("--json", type=Path, default=None, help="write every simulated and pruned candidate here")
+    p.add_argument("--exact-simulator", action="store_true",
+                   help="simulate step by step on the runtime's own objects, not the fast mode (same decisions; slower)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write every candidate here: simulated ones in full, rejected ones with the reason, pruned ones "
+                        "with their goodput bound")
     p.add_argument("--report", type=Path, default=None, help="write plan.png and plan.html into this folder")
     p.add_argument("--emit-deploy", type=Path, default=None, help="write the best placement's deployment file here")
     p.add_argument("--model-path", default=None, help="HF folder to put in the emitted deployment file")
@@ -101,12 +106,12 @@ def main(argv: list[str]) -> int:
         extra = [Path(c) for c in scenario.catalog] + ([Path(scenario.calibration)] if scenario.calibration else [])
         catalog = load_catalog(extra)
         result = plan(scenario, catalog, progress=_Bar(), rank_by=args.rank_by, keep=max(args.top, EXPLAINED),
-                      prune=not args.brute_force)
+                      prune=not args.brute_force, exact=args.exact_simulator)
     except (ScenarioError, CatalogError, ValueError) as exc:
         print(f"\nhetpd plan: {exc}", file=sys.stderr)
         return 2
     print(file=sys.stderr)
-    summary = searched(result, time.monotonic() - started)
+    summary = searched(result, time.monotonic() - started, args.brute_force)
     print(summary)
     print(table(result, args.top))
     explained: list[dict[str, Any]] = []
@@ -118,7 +123,8 @@ def main(argv: list[str]) -> int:
         built = build_config(e.candidate, scenario, catalog, model, requests, efficiency)
         if isinstance(built, Evaluation):
             continue
-        why = explain(built[0], requests, scenario_slo(scenario), base=e.goodput, coupling=i == 0)
+        why = explain(built[0], requests, scenario_slo(scenario), base=e.goodput, coupling=i == 0,
+                      exact=args.exact_simulator)
         coupling = coupling or why.coupling
         gains = ", ".join(f"{axis} +{100 * g:.0f}%" for axis, g in sorted(why.gains.items(), key=lambda kv: -kv[1]))
         print(f"{e.candidate.describe()}\n    binding: {why.binding}  (goodput gained when doubled: {gains})")
@@ -141,17 +147,19 @@ def main(argv: list[str]) -> int:
                                     + yaml.safe_dump(deploy, sort_keys=False))
         print(f"wrote {args.emit_deploy}" + (f" ({len(notes)} notes on what hetpd runs instead)" if notes else ""))
     if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"scenario": scenario.model_dump(mode="json"),
                                          "search": {"candidates": len(result.rejected) + result.simulated
                                                     + len(result.pruned), "rejected": len(result.rejected),
                                                     "simulated": result.simulated, "pruned": len(result.pruned),
                                                     "exact_rows": result.keep, "rank_by": args.rank_by},
                                          "ranked": [_row(e) for e in result.ranked],
-                                         "rejected": [_row(e) for e in result.rejected],
                                          "pareto": [_row(e) for e in result.pareto],
-                                         "pruned": [{"candidate": asdict(x.candidate), "describe": x.candidate.describe(),
-                                                     "accelerators": x.accelerators, "goodput_bound": x.bound}
-                                                    for x in result.pruned],
+                                         # one line each: a big fleet rejects and prunes thousands
+                                         "rejected": [{"describe": e.candidate.describe(), "reason": e.reason}
+                                                      for e in result.rejected],
+                                         "pruned": [{"describe": x.candidate.describe(), "accelerators": x.accelerators,
+                                                     "goodput_bound": x.bound} for x in result.pruned],
                                          "explained": explained}, indent=1))
         print(f"wrote {args.json}")
     return 0

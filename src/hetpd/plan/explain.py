@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from hetpd.bench.workload import RequestSpec
 from hetpd.plan.bound import charged_goodput, horizon_for
-from hetpd.plan.simulator import SimConfig, simulate
+from hetpd.plan.search import run_simulator
+from hetpd.plan.simulator import SimConfig
 from hetpd.bench.metrics import SLO
 
 AXES = ("prefill compute", "decode bandwidth", "decode capacity", "link", "conversion")
@@ -60,10 +61,11 @@ class Explanation:
 
 
 def explain(config: SimConfig, requests: list[RequestSpec], slo: SLO, axes: tuple[str, ...] = AXES,
-            base: float | None = None, coupling: bool = True) -> Explanation:
+            base: float | None = None, coupling: bool = True, exact: bool = False) -> Explanation:
     """Relieve each axis (and, with ``coupling``, each pair) and re-simulate; goodput as the planner
     counts it (:func:`hetpd.plan.bound.charged_goodput`). ``base``: the deployment's goodput when
-    the caller already simulated it. Simulations: one per distinct
+    the caller already simulated it. ``exact``: the step-by-step simulator, not its fast mode
+    (:func:`hetpd.plan.search.run_simulator`). Simulations: one per distinct
     relieved deployment, at most ``1 + len(axes)`` plus ``len(axes) * (len(axes) - 1) / 2`` pairs."""
     known: list[tuple[SimConfig, float]] = [] if base is None else [(config, base)]
     horizon = horizon_for(requests)
@@ -72,7 +74,7 @@ def explain(config: SimConfig, requests: list[RequestSpec], slo: SLO, axes: tupl
         for seen, value in known:
             if seen == deployment:
                 return value
-        value = charged_goodput(simulate(deployment, requests, slo, horizon_s=horizon), horizon)
+        value = charged_goodput(run_simulator(deployment, requests, slo, horizon, exact), horizon)
         known.append((deployment, value))
         return value
 

@@ -21,7 +21,7 @@ import dataclasses
 import heapq
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from hetpd.bench.metrics import SLO
@@ -32,6 +32,7 @@ from hetpd.kv.plan import plan_handoff
 from hetpd.plan.bound import GoodputBound, charged_goodput, horizon_for
 from hetpd.plan.cost import Efficiency, kv_bytes_per_token, load_efficiency, memory_fit
 from hetpd.plan.scenario import Scenario
+from hetpd.plan.fastsim import simulate_fast
 from hetpd.plan.simulator import PoolSpec, SimConfig, SimResult, simulate
 from hetpd.plan.spec import Accelerator, Catalog, CatalogError, ModelShape
 
@@ -167,20 +168,29 @@ def candidates(scenario: Scenario) -> Iterator[Candidate]:
                     yield Candidate(p_acc, p_n, d_acc, d_n, p_w, d_w, kv, wire, p_tp, d_tp)
 
 
+def run_simulator(config: SimConfig, requests: Sequence[RequestSpec], slo: SLO, horizon_s: float,
+                  exact: bool = False) -> SimResult:
+    """The simulator the planner runs: the fast mode (the same decisions on counters, the same
+    result up to float rounding), or with ``exact`` the step-by-step one on the runtime's own objects."""
+    if exact:
+        return simulate(config, requests, slo, horizon_s=horizon_s)
+    return simulate_fast(config, requests, slo, horizon_s=horizon_s)
+
+
 def evaluate(candidate: Candidate, scenario: Scenario, catalog: Catalog, model: ModelShape,
-             requests: list[RequestSpec], efficiency: Efficiency = Efficiency()) -> Evaluation:
+             requests: list[RequestSpec], efficiency: Efficiency = Efficiency(), exact: bool = False) -> Evaluation:
     built = build_config(candidate, scenario, catalog, model, requests, efficiency)
     if isinstance(built, Evaluation):
         return built
     config, verdict = built
-    return simulated(candidate, config, verdict, requests, scenario_slo(scenario))
+    return simulated(candidate, config, verdict, requests, scenario_slo(scenario), exact=exact)
 
 
 def simulated(candidate: Candidate, config: SimConfig, verdict: str, requests: list[RequestSpec], slo: SLO,
-              bound: float | None = None) -> Evaluation:
+              bound: float | None = None, exact: bool = False) -> Evaluation:
     """Simulate a fitting candidate for an hour past the last arrival; goodput as the planner counts it."""
     horizon = horizon_for(requests)
-    result = simulate(config, requests, slo, horizon_s=horizon)
+    result = run_simulator(config, requests, slo, horizon, exact)
     return Evaluation(candidate, True, verdict, result, charged_goodput(result, horizon), bound)
 
 
@@ -267,11 +277,12 @@ def pareto_frontier(ranked: list[Evaluation]) -> list[Evaluation]:
 
 
 def plan(scenario: Scenario, catalog: Catalog, progress: Callable[[SearchProgress], None] | None = None,
-         rank_by: str = "accelerator", keep: int = 10, prune: bool = True) -> PlanResult:
+         rank_by: str = "accelerator", keep: int = 10, prune: bool = True, exact: bool = False) -> PlanResult:
     """Search the scenario's placements: the first ``keep`` rows of the ranking and the Pareto
     frontier are exact. ``rank_by``: goodput per "accelerator", per "cost" (price per hour, from
     the catalog) or per "power" (kW of TDP); placements without the figure rank last.
-    ``prune=False`` simulates every fitting candidate (brute force).
+    ``prune=False`` simulates every fitting candidate (brute force). ``exact``: simulate step by
+    step on the runtime's own objects instead of the fast mode (:func:`run_simulator`).
 
     A candidate is skipped only when (1) its score bound ranks after the ``keep``-th best simulated
     candidate (ties broken by accelerators, then enumeration order, so its true rank does too) and
@@ -315,7 +326,7 @@ def plan(scenario: Scenario, catalog: Catalog, progress: Callable[[SearchProgres
         if off_table and off_frontier:
             pruned.append(Pruned(candidate, ceiling))
         else:
-            evaluation = simulated(candidate, config, verdict, requests, slo, ceiling if prune else None)
+            evaluation = simulated(candidate, config, verdict, requests, slo, ceiling if prune else None, exact)
             k = key(index, candidate, evaluation.goodput)
             visited.append((k, evaluation))
             heapq.heappush(worst_kept, _negated(k))
