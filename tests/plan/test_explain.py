@@ -48,3 +48,10 @@ def test_reliefs_that_change_nothing_are_not_simulated_again(monkeypatch: pytest
     calls.clear()
     single = explain(config, work, SLO(ttft=1.0, tpot=0.1), base=full.goodput, coupling=False)
     assert len(calls) == 4 and single.coupling is None and single.gains == full.gains
+
+
+def test_gains_are_written_largest_first_with_their_sign() -> None:
+    from hetpd.plan.explain import gains_text
+
+    assert gains_text({"link": -0.001, "decode bandwidth": 0.126, "conversion": -0.2}) == \
+        "decode bandwidth +13%, link +0%, conversion -20%"

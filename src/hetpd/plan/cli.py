@@ -17,7 +17,7 @@ from typing import Any
 from hetpd.plan.scenario import ScenarioError, load_scenario
 from hetpd.bench.workload import build_requests
 from hetpd.plan.cost import Efficiency, load_efficiency
-from hetpd.plan.explain import explain
+from hetpd.plan.explain import explain, gains_text
 from hetpd.plan.search import Evaluation, PlanResult, SearchProgress, build_config, plan, scenario_slo
 from hetpd.plan.spec import CatalogError, load_catalog
 
@@ -126,8 +126,8 @@ def main(argv: list[str]) -> int:
         why = explain(built[0], requests, scenario_slo(scenario), base=e.goodput, coupling=i == 0,
                       exact=args.exact_simulator)
         coupling = coupling or why.coupling
-        gains = ", ".join(f"{axis} +{100 * g:.0f}%" for axis, g in sorted(why.gains.items(), key=lambda kv: -kv[1]))
-        print(f"{e.candidate.describe()}\n    binding: {why.binding}  (goodput gained when doubled: {gains})")
+        print(f"{e.candidate.describe()}\n    binding: {why.binding}  (goodput gained when doubled: "
+              f"{gains_text(why.gains)})")
         explained.append({"candidate": e.candidate.describe(), "binding": why.binding, "gains": why.gains,
                           "coupling": why.coupling})
     if args.report is not None:

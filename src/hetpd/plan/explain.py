@@ -60,6 +60,11 @@ class Explanation:
         return best if self.gains[best] > 0.01 else "none (the offered load is served)"
 
 
+def gains_text(gains: dict[str, float]) -> str:
+    """The gains, largest first, in whole percent with their sign ("link +12%, conversion +0%")."""
+    return ", ".join(f"{axis} {round(100 * g):+d}%" for axis, g in sorted(gains.items(), key=lambda kv: -kv[1]))
+
+
 def explain(config: SimConfig, requests: list[RequestSpec], slo: SLO, axes: tuple[str, ...] = AXES,
             base: float | None = None, coupling: bool = True, exact: bool = False) -> Explanation:
     """Relieve each axis (and, with ``coupling``, each pair) and re-simulate; goodput as the planner

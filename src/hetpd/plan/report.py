@@ -20,6 +20,7 @@ from typing import Any
 
 from hetpd.bench.workload import RequestSpec
 from hetpd.plan.cost import kv_bytes_per_token, weight_bytes
+from hetpd.plan.explain import gains_text
 from hetpd.plan.search import PlanResult
 from hetpd.plan.simulator import RequestTimes
 from hetpd.plan.spec import Accelerator, CatalogError, ModelShape
@@ -157,8 +158,7 @@ def write_html(png: Path, searched: str, table: str, explained: list[dict[str, A
     image = base64.b64encode(png.read_bytes()).decode()
 
     def line(e: dict[str, Any]) -> str:
-        gains = ", ".join(f"{html.escape(axis)} +{100 * g:.0f}%"
-                          for axis, g in sorted(e["gains"].items(), key=lambda kv: -kv[1]))
+        gains = html.escape(gains_text(e["gains"]))
         return f"<li>{html.escape(e['candidate'])}: <b>{html.escape(e['binding'])}</b> (doubled: {gains})</li>"
 
     page = (f"<!doctype html><meta charset='utf-8'><title>hetpd plan</title><h1>hetpd plan</h1>"
