@@ -47,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-requests", type=int, default=100)
     p.add_argument("--warmup", type=int, default=2,
                    help="requests sent one by one before measuring (first-call costs stay out of the numbers)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds lengths, arrivals and prompts (a --workload file has its own)")
     p.add_argument("--slo-ttft-ms", type=float, default=None)
     p.add_argument("--slo-tpot-ms", type=float, default=None)
     p.add_argument("--tokenizer", type=Path, default=None,
@@ -126,7 +126,7 @@ def main(argv: list[str]) -> int:
         tokenizer = _tokenizer(args.tokenizer)
         specials = frozenset(int(i) for i in tokenizer.backend.get_added_tokens_decoder())
         def builder(salt: str) -> PromptBuilder:  # each run its own unique prompts: no cross-run prefix hits
-            return PromptBuilder(tokenizer.vocab_size, specials, seed=args.seed, salt=salt)
+            return PromptBuilder(tokenizer.vocab_size, specials, seed=workload.seed, salt=salt)
 
         count = lambda text: len(tokenizer.encode(text))  # noqa: E731
         rates: list[float | None] = [float(r) for r in args.rates.split(",")] if args.rates else [None]

@@ -14,7 +14,6 @@ predicts, so the operating points come from the model, not from the measurement.
 from __future__ import annotations
 
 import dataclasses
-import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from hetpd.plan.profile import load_steps
 from hetpd.plan.simulator import SimConfig, SimResult, simulate
 from hetpd.plan.spec import ModelShape, load_catalog
 from hetpd.serve.deploy import parse_deployment
+from hetpd.serve.launcher import worker_threads
 from hetpd.serve.local import local_server
 
 DEPLOYMENTS: dict[str, list[dict[str, Any]]] = {
@@ -93,7 +93,7 @@ def run_fidelity(config: FidelityConfig, out: Path, log: Callable[[str], None] =
     results = []
     for mode in config.modes:
         pools = DEPLOYMENTS[mode]
-        threads = max(1, (os.cpu_count() or 1) // len(pools))  # what `hetpd serve` gives each worker
+        threads = worker_threads(len(pools))  # what `hetpd serve` gives each worker
         calibration = out / f"calibration-{mode}.yaml"
         log(f"[fidelity] {mode}: hetpd profile --threads {threads}")
         profile_args = ["profile", "--threads", str(threads), "--out", str(calibration)]

@@ -44,10 +44,20 @@ def resolve_model(deploy: DeploymentConfig) -> Path:
     return default_model_dir(progress=log)
 
 
+def worker_threads(num_workers: int, cpus: int | None = None) -> int:
+    """Torch threads per local worker: the host's cores less one for the router (API, tokenizer,
+    streaming), shared among the workers, at least one each. A multi-threaded engine whose cores
+    the router also needs stalls at every parallel region's barrier (measured here: a colocated
+    worker on both of 2 cores ran decode steps 2-10x slower whenever the router or the load
+    generator was busy), so the router's core is left free, as vLLM's CPU backend advises."""
+    cpus = cpus if cpus is not None else os.cpu_count() or 1
+    return max(1, (cpus - 1) // num_workers)
+
+
 def spawn_workers(deploy: DeploymentConfig, model_dir: Path, control: str, secret: str) -> list[subprocess.Popen[bytes]]:
     workers = sum(pool.count for pool in deploy.pools)
     # Share this host's cores among its workers unless the user pinned a number.
-    threads = os.environ.get("HETPD_TORCH_THREADS") or str(max(1, (os.cpu_count() or 1) // workers))
+    threads = os.environ.get("HETPD_TORCH_THREADS") or str(worker_threads(workers))
     env = {**os.environ, "HETPD_SECRET": secret, "HETPD_TORCH_THREADS": threads}
     children = []
     for pool in deploy.pools:
