@@ -57,10 +57,17 @@ from collections import deque
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
-from hetpd.bench.metrics import SLO, Distribution
+from hetpd.bench.metrics import SLO
 from hetpd.bench.workload import RequestSpec
 from hetpd.plan.cost import handoff_time, kv_bytes_per_token
-from hetpd.plan.simulator import PoolSpec, RequestTimes, SimConfig, SimResult, check_pools
+from hetpd.plan.simulator import (
+    PoolSpec,
+    RequestTimes,
+    SimConfig,
+    SimResult,
+    check_pools,
+    summarize,
+)
 from hetpd.plan.step_model import MeasuredSteps, RooflineSteps, StepCoster, StepWork
 
 _PROBE = 1 << 20  # the context at which a coster is evaluated a second time to get its slope
@@ -695,23 +702,8 @@ class _Simulation:
     # ------------------------------------------------------------------ the result
     def result(self, end: float, slo: SLO) -> SimResult:
         """The same summary :func:`~hetpd.plan.simulator.simulate` computes."""
-        done = [t for t in self.times if t.finished is not None]
-        duration = max((t.finished or 0.0) for t in done) if done else end
-        span = max(duration, 1e-9)
-        meets = [t for t in done if (t.ttft or 0.0) <= slo.ttft and (t.tpot or 0.0) <= slo.tpot]
-        utilisation = {
-            "prefill compute": sum(e.busy for e in self.prefill) / (span * len(self.prefill)),
-            "decode": sum(e.busy for e in self.decode) / (span * len(self.decode)) if self.decode else 0.0,
-            "link": self.link_busy / span,
-        }
-        return SimResult(
-            tuple(self.times), duration,
-            Distribution.of([t.ttft for t in done if t.ttft is not None]),
-            Distribution.of([t.tpot for t in done if t.tpot is not None]),
-            Distribution.of([t.e2e for t in done if t.e2e is not None]),
-            len(meets) / span, len(done) / span, utilisation["prefill compute"], utilisation["decode"],
-            utilisation["link"], self.peak_transient, max(utilisation, key=utilisation.__getitem__),
-            self.retries, 0, self.preemptions)
+        return summarize(self.times, end, slo, [e.busy for e in self.prefill], [e.busy for e in self.decode],
+                         self.link_busy, self.peak_transient, self.retries, 0, self.preemptions)
 
 
 def simulate_fast(config: SimConfig, requests: Seq[RequestSpec], slo: SLO = SLO(),

@@ -23,8 +23,8 @@ from hetpd.core.block_allocator import BlockAllocator
 from hetpd.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from hetpd.core.sequence import Sequence
 from hetpd.ownership import (
-    AdoptBlocks,
     Admit,
+    AdoptBlocks,
     CapacityLedger,
     ConsumerLeases,
     Ended,
@@ -340,25 +340,34 @@ class _Simulation:
         self.kick(instance, now)
 
 
+def summarize(times: Seq[RequestTimes], end: float, slo: SLO, prefill_busy: Seq[float], decode_busy: Seq[float],
+              link_busy: float, peak_transient_bytes: int, retries: int, expired: int, preemptions: int) -> SimResult:
+    """A run's result from each request's times and each resource's busy seconds (both simulators).
+    Goodput and throughput are over the span to the last finish (the run's end when none finished)."""
+    done = [t for t in times if t.finished is not None]
+    duration = max((t.finished or 0.0) for t in done) if done else end
+    span = max(duration, 1e-9)
+    meets = [t for t in done if (t.ttft or 0.0) <= slo.ttft and (t.tpot or 0.0) <= slo.tpot]
+    utilisation = {
+        "prefill compute": sum(prefill_busy) / (span * len(prefill_busy)),
+        "decode": sum(decode_busy) / (span * len(decode_busy)) if decode_busy else 0.0,
+        "link": link_busy / span,
+    }
+    return SimResult(
+        tuple(times), duration,
+        Distribution.of([t.ttft for t in done if t.ttft is not None]),
+        Distribution.of([t.tpot for t in done if t.tpot is not None]),
+        Distribution.of([t.e2e for t in done if t.e2e is not None]),
+        len(meets) / span, len(done) / span, utilisation["prefill compute"], utilisation["decode"],
+        utilisation["link"], peak_transient_bytes, max(utilisation, key=utilisation.__getitem__),
+        retries, expired, preemptions)
+
+
 def simulate(config: SimConfig, requests: Seq[RequestSpec], slo: SLO = SLO(), lease: LeaseConfig | None = None,
              horizon_s: float = 3600.0) -> SimResult:
     """Run every request through the deployment; returns latencies, goodput, utilisation, peaks."""
     sim = _Simulation(config, requests, lease)
     end = sim.run_until(horizon_s)
-    done = [t for t in sim.times.values() if t.finished is not None]
-    duration = max((t.finished or 0.0) for t in done) if done else end
-    span = max(duration, 1e-9)
-    meets = [t for t in done if (t.ttft or 0.0) <= slo.ttft and (t.tpot or 0.0) <= slo.tpot]
-    utilisation = {
-        "prefill compute": sum(i.busy_time for i in sim.prefill) / (span * len(sim.prefill)),
-        "decode": sum(i.busy_time for i in sim.decode) / (span * len(sim.decode)) if sim.decode else 0.0,
-        "link": sim.link_busy / span,
-    }
-    return SimResult(
-        tuple(sim.times[str(r.index)] for r in requests), duration,
-        Distribution.of([t.ttft for t in done if t.ttft is not None]),
-        Distribution.of([t.tpot for t in done if t.tpot is not None]),
-        Distribution.of([t.e2e for t in done if t.e2e is not None]),
-        len(meets) / span, len(done) / span, utilisation["prefill compute"], utilisation["decode"],
-        utilisation["link"], sim.ledger.snapshot().peak_total_bytes, max(utilisation, key=utilisation.__getitem__),
-        sim.retries, sim.expired, sim.preemptions)
+    return summarize([sim.times[str(r.index)] for r in requests], end, slo, [i.busy_time for i in sim.prefill],
+                     [i.busy_time for i in sim.decode], sim.link_busy, sim.ledger.snapshot().peak_total_bytes,
+                     sim.retries, sim.expired, sim.preemptions)
