@@ -97,8 +97,9 @@ def run_fidelity(config: FidelityConfig, out: Path, log: Callable[[str], None] =
         calibration = out / f"calibration-{mode}.yaml"
         log(f"[fidelity] {mode}: hetpd profile --threads {threads}")
         profile_args = ["profile", "--threads", str(threads), "--out", str(calibration)]
-        subprocess.run(_hetpd(*profile_args, *(["--quick"] if config.quick_profile else [])), check=True,
-                       stdout=subprocess.DEVNULL, stderr=(out / f"profile-{mode}.log").open("w"))
+        with (out / f"profile-{mode}.log").open("w") as profile_log:
+            subprocess.run(_hetpd(*profile_args, *(["--quick"] if config.quick_profile else [])), check=True,
+                           stdout=subprocess.DEVNULL, stderr=profile_log)
         catalog = load_catalog([calibration])
         steps = load_steps(str(calibration))
         deploy = parse_deployment({"model": str(model_dir), "served_model_name": "smollm2", "pools": pools})
