@@ -43,3 +43,17 @@ def test_profile_writes_a_calibration_the_planner_uses(tiny_model_dir: Callable[
     errors = sorted(abs(steps.seconds(StepWork(*m["work"])) - m["seconds"]) / m["seconds"] for m in measured)
     assert errors[len(errors) // 2] < 0.35  # a tiny model's steps are mostly overhead: noisy, but fitted
     assert catalog.link("local_shm").bandwidth > 0 and catalog.link("local_tcp").bandwidth > 0
+
+
+def test_busy_neighbours_run_beside_the_measurements_and_are_gone_after(tiny_model_dir: Callable[[str], Path],
+                                                                        tmp_path: Path) -> None:
+    import subprocess
+
+    calibration = profile(tiny_model_dir("llama"), quick=True, threads=1, transports=False, neighbours=1,
+                          log=lambda m: None)
+    assert calibration.neighbours == 1 and calibration.steps.seconds(StepWork(0, 0, 1, 64)) > 0
+    path = tmp_path / "calibration.yaml"
+    write(calibration, path)
+    assert yaml.safe_load(path.read_text())["step_model"]["neighbours"] == 1
+    left = subprocess.run(["pgrep", "-f", "neighbour_loop"], capture_output=True, text=True).stdout.split()
+    assert not left, f"neighbour processes still running: {left}"

@@ -1,7 +1,8 @@
 """Run the simulator's fidelity check on this machine: profile, serve, bench, simulate, compare.
 
 For each deployment (colocated, and one prefill + one decode worker) it
-1. runs ``hetpd profile --threads T`` with the thread count ``hetpd serve`` will give each worker,
+1. runs ``hetpd profile --threads T --neighbours N`` with the thread count ``hetpd serve`` will give
+   each worker and the number of other workers beside it,
 2. starts ``hetpd serve`` on that deployment (real router and worker processes),
 3. runs ``hetpd bench`` at each request rate (Poisson arrivals, the workload below),
 4. simulates the very same requests on the deployment as :func:`~hetpd.plan.fidelity.sim_config_for`
@@ -96,7 +97,9 @@ def run_fidelity(config: FidelityConfig, out: Path, log: Callable[[str], None] =
         threads = worker_threads(len(pools))  # what `hetpd serve` gives each worker
         calibration = out / f"calibration-{mode}.yaml"
         log(f"[fidelity] {mode}: hetpd profile --threads {threads}")
-        profile_args = ["profile", "--threads", str(threads), "--out", str(calibration)]
+        # The other workers of the deployment run beside each one: profile with as many busy neighbours.
+        profile_args = ["profile", "--threads", str(threads), "--neighbours", str(len(pools) - 1),
+                        "--out", str(calibration)]
         with (out / f"profile-{mode}.log").open("w") as profile_log:
             subprocess.run(_hetpd(*profile_args, *(["--quick"] if config.quick_profile else [])), check=True,
                            stdout=subprocess.DEVNULL, stderr=profile_log)

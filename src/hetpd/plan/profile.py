@@ -12,10 +12,14 @@ catalog file (an accelerator entry for this machine) plus both, which a scenario
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,7 @@ class Calibration:
     step_fit_error: float  # median relative error of that fit over the measured steps
     threads: int
     links: tuple[dict[str, Any], ...] = ()  # catalog entries of the local transports, as measured
+    neighbours: int = 0  # busy engine processes that ran beside the step measurements
 
 
 def _best(fn: Any, repeats: int) -> float:
@@ -46,11 +51,64 @@ def _best(fn: Any, repeats: int) -> float:
     return min(times)
 
 
+def neighbour_loop(model_dir: str | None, dtype: str) -> None:
+    """Stand in for another serving worker on this host, until killed: one thread running the
+    engine on a 256-token prompt and 7 decode steps after it, again and again. Prints ``ready``
+    once the first round is done."""
+    import torch
+
+    from hetpd.engine.config import EngineConfig
+    from hetpd.engine.engine import Engine
+    from hetpd.sampling_params import SamplingParams
+
+    torch.set_num_threads(1)
+    engine = Engine.from_config(EngineConfig(model=model_dir, dtype=dtype, max_num_batched_tokens=2048))
+    vocab = engine.model_config.vocab_size
+    for run in itertools.count():
+        request_id = f"n{run}"
+        engine.add_request(request_id, [5 + ((i * 11 + run * 17) % (vocab - 10)) for i in range(256)],
+                           SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+        while engine.is_running(request_id):
+            engine.step()
+        if run == 0:
+            print("ready", flush=True)
+
+
+@contextmanager
+def busy_neighbours(count: int, model_dir: Path | None, dtype: str) -> Iterator[None]:
+    """``count`` :func:`neighbour_loop` processes running for the duration of the block."""
+    code = f"from hetpd.plan.profile import neighbour_loop; neighbour_loop({str(model_dir) if model_dir else None!r}, {dtype!r})"
+    processes = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+                 for _ in range(count)]
+    try:
+        for process in processes:
+            assert process.stdout is not None
+            if process.stdout.readline().strip() != "ready":
+                raise RuntimeError("a busy neighbour for `hetpd profile --neighbours` failed to start")
+        yield
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+
+
 def profile(model_dir: Path | None, dtype: str = "float32", quick: bool = False, threads: int | None = None,
-            transports: bool = True, log: Any = lambda m: print(m, file=sys.stderr, flush=True)) -> Calibration:
+            transports: bool = True, neighbours: int = 0,
+            log: Any = lambda m: print(m, file=sys.stderr, flush=True)) -> Calibration:
     """Measure peaks, then engine steps: whole prompts, decode batches over contexts, and mixed
     steps (a prompt chunk beside decodes, as a colocated engine runs them); then, with
-    ``transports``, the KV transports between two processes (links ``local_shm``, ``local_tcp``)."""
+    ``transports``, the KV transports between two processes (links ``local_shm``, ``local_tcp``).
+
+    ``neighbours``: how many other workers will share this host (a 1P1D deployment on one machine:
+    1). As many busy engine processes run beside the step measurements, because workers on one
+    host share its memory bandwidth and caches (and, in a VM, often a physical core): measured
+    here, a 1-thread decode step took ~50 ms alone and ~62 ms beside a busy prefill worker."""
+    with busy_neighbours(neighbours, model_dir, dtype):
+        return _profile(model_dir, dtype, quick, threads, transports, neighbours, log)
+
+
+def _profile(model_dir: Path | None, dtype: str, quick: bool, threads: int | None, transports: bool,
+             neighbours: int, log: Any) -> Calibration:
     import torch
 
     from hetpd.engine.config import EngineConfig
@@ -68,8 +126,8 @@ def profile(model_dir: Path | None, dtype: str = "float32", quick: bool = False,
     n = (64 if quick else 256) * (1 << 20) // 4
     src, dst = torch.randn(n), torch.empty(n)
     peak_bw = 2 * 4 * n / _best(lambda: dst.copy_(src), repeats)
-    log(f"[profile] machine ({torch.get_num_threads()} threads): {peak_flops / 1e12:.3f} TFLOP/s ({dtype} matmul), "
-        f"{peak_bw / 1e9:.1f} GB/s (copy)")
+    log(f"[profile] machine ({torch.get_num_threads()} threads, {neighbours} busy neighbours): "
+        f"{peak_flops / 1e12:.3f} TFLOP/s ({dtype} matmul), {peak_bw / 1e9:.1f} GB/s (copy)")
 
     # The deployments' chunk budget, so a measured prompt runs in one step as it does when served.
     engine = Engine.from_config(EngineConfig(model=None if model_dir is None else str(model_dir), dtype=dtype,
@@ -168,7 +226,7 @@ def profile(model_dir: Path | None, dtype: str = "float32", quick: bool = False,
     return Calibration(statistics.median(compute_eff.values()), statistics.median(memory_eff.values()), accelerator,
                        {"prefill_compute_efficiency": compute_eff, "decode_memory_efficiency": memory_eff,
                         "peak_tflops": peak_flops / 1e12, "copy_gbps": peak_bw / 1e9, "steps": measured_steps},
-                       fit.model, fit.median_error, torch.get_num_threads(), links)
+                       fit.model, fit.median_error, torch.get_num_threads(), links, neighbours)
 
 
 def load_steps(path: str) -> MeasuredSteps:
@@ -181,7 +239,8 @@ def load_steps(path: str) -> MeasuredSteps:
 def write(calibration: Calibration, path: Path) -> None:
     body = {"accelerators": [calibration.accelerator], "links": list(calibration.links),
             "efficiency": {"compute": calibration.compute, "memory": calibration.memory},
-            "step_model": {"threads": calibration.threads, "median_error": calibration.step_fit_error,
+            "step_model": {"threads": calibration.threads, "neighbours": calibration.neighbours,
+                           "median_error": calibration.step_fit_error,
                            "terms": calibration.steps.as_dict()},
             "measurements": calibration.measurements}
     path.write_text("# hetpd profile: this machine's peaks and the engine's achieved fractions of them\n"
@@ -195,12 +254,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("--model", type=Path, default=None, help="HF folder (default: the embedded model)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--neighbours", type=int, default=0,
+                   help="other workers that will share this host (1P1D on one machine: 1); as many busy engines run "
+                        "beside the measurements")
     p.add_argument("--no-transports", action="store_true", help="skip measuring the local KV transports")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads, as the worker you calibrate for runs (serve gives each worker CPUs/workers)")
     p.add_argument("--out", type=Path, default=Path("calibration.yaml"))
     args = p.parse_args(argv)
-    calibration = profile(args.model, args.dtype, args.quick, args.threads, not args.no_transports)
+    calibration = profile(args.model, args.dtype, args.quick, args.threads, not args.no_transports, args.neighbours)
     write(calibration, args.out)
     print(f"compute efficiency {calibration.compute:.2f}, memory efficiency {calibration.memory:.2f}, step model "
           f"within {100 * calibration.step_fit_error:.0f}% (median); wrote {args.out}")
