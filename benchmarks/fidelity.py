@@ -67,7 +67,7 @@ def main() -> None:
     print("\n".join(lines))
     (args.out / "fidelity.md").write_text("```\n" + "\n".join(lines) + "\n```\n")
     (args.out / "fidelity.json").write_text(json.dumps(
-        {"config": asdict(config), "modes": [{"mode": m.mode, "capacity": m.capacity,
+        {"config": asdict(config), "modes": [{"mode": m.mode, "capacity": m.capacity, "serving_overhead": asdict(m.overhead),
                                               "points": [{**asdict(p), "ttft_error": p.ttft_error,
                                                           "tpot_error": p.tpot_error,
                                                           "goodput_error": p.goodput_error} for p in m.points]}

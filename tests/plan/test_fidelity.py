@@ -60,3 +60,17 @@ def test_agreement_is_relative_to_what_was_measured() -> None:
     assert not point.within() and point.within(latency=0.2, goodput=0.2)
     assert math.isinf(Agreement("x", 1, 0, 1, 1, 1, 1, 1).ttft_error)
     assert SLO().ttft == math.inf
+
+
+def test_serving_overhead_lands_on_the_pool_that_pays_it() -> None:
+    from hetpd.plan.fidelity_run import ServingOverhead
+
+    two = parse_deployment({"pools": [{"name": "p", "role": "prefill", "num_kv_blocks": 64},
+                                      {"name": "d", "role": "decode", "num_kv_blocks": 64}]})
+    config = ServingOverhead(0.03, 0.01).applied(sim_config_for(two, SHAPE, ACC, {"p": STEPS, "d": STEPS}, LINK))
+    assert config.prefill.steps is not None and config.decode.steps is not None
+    assert config.prefill.steps.overhead == pytest.approx(STEPS.overhead + 0.03)
+    assert config.decode.steps.overhead == pytest.approx(STEPS.overhead + 0.01)
+    one = parse_deployment({"pools": [{"name": "c", "role": "colocated", "num_kv_blocks": 64}]})
+    colocated = ServingOverhead(0.03, 0.01).applied(sim_config_for(one, SHAPE, ACC, {"c": STEPS}, LINK))
+    assert colocated.prefill.steps is not None and colocated.prefill.steps.overhead == pytest.approx(STEPS.overhead + 0.01)

@@ -4,8 +4,11 @@ For each deployment (colocated, and one prefill + one decode worker) it
 1. runs ``hetpd profile --threads T --neighbours N`` with the thread count ``hetpd serve`` will give
    each worker and the number of other workers beside it,
 2. starts ``hetpd serve`` on that deployment (real router and worker processes),
-3. runs ``hetpd bench`` at each request rate (Poisson arrivals, the workload below),
-4. simulates the very same requests on the deployment as :func:`~hetpd.plan.fidelity.sim_config_for`
+3. measures what serving adds to the engine's steps with a few requests sent one at a time
+   (:class:`ServingOverhead`: HTTP, router, worker loop, handoff control; none of it is in an
+   engine profile) and adds it to the step models,
+4. runs ``hetpd bench`` at each request rate (Poisson arrivals, the workload below),
+5. simulates the very same requests on the deployment as :func:`~hetpd.plan.fidelity.sim_config_for`
    sees it, with the profiled step model and the profiled local transport as the link,
 and returns one :class:`~hetpd.plan.fidelity.Agreement` per load point. Without given rates it
 picks light, medium and near-saturation loads as fractions of the capacity the simulator
@@ -29,7 +32,7 @@ from hetpd.bench.report import load as load_bench
 from hetpd.bench.workload import build_requests, parse_workload
 from hetpd.plan.fidelity import Agreement, agreement, sim_config_for
 from hetpd.plan.profile import load_steps
-from hetpd.plan.simulator import SimConfig, SimResult, simulate
+from hetpd.plan.simulator import PoolSpec, SimConfig, SimResult, simulate
 from hetpd.plan.spec import ModelShape, load_catalog
 from hetpd.serve.deploy import parse_deployment
 from hetpd.serve.launcher import worker_threads
@@ -55,10 +58,37 @@ class FidelityConfig:
     seed: int = 0
 
 
+PROBE_REQUESTS = 4
+
+
+@dataclass(frozen=True)
+class ServingOverhead:
+    """What serving adds to the engine's own steps, per step, as seen with requests sent one at a
+    time (no queueing, no batching): HTTP, router and worker loop before the first token, and the
+    worker loop, streaming and the handoff's control round trips per later token. Measured on
+    its own requests, never on the load points it is then compared with."""
+
+    per_first_token: float
+    per_token: float
+
+    def applied(self, sim: SimConfig) -> SimConfig:
+        """The simulator's config with these overheads on the step models: the first token's on the
+        prefill pool's steps, the later tokens' on the decode pool's (a colocated pool: the latter)."""
+        def more(pool: PoolSpec, extra: float) -> PoolSpec:
+            assert pool.steps is not None, "the serving overhead applies to measured step models"
+            return dataclasses.replace(pool, steps=dataclasses.replace(pool.steps, overhead=pool.steps.overhead + extra))
+
+        if sim.colocated:
+            return dataclasses.replace(sim, prefill=more(sim.prefill, self.per_token))
+        return dataclasses.replace(sim, prefill=more(sim.prefill, self.per_first_token),
+                                   decode=more(sim.decode, self.per_token))
+
+
 @dataclass(frozen=True)
 class ModeResult:
     mode: str
     capacity: float  # requests/s the simulator predicts at saturation
+    overhead: ServingOverhead
     points: tuple[Agreement, ...]
     simulated: tuple[SimResult, ...]
     measured: tuple[Summary, ...]
@@ -81,6 +111,21 @@ def predicted_capacity(sim_config: SimConfig, config: FidelityConfig) -> float:
     raw = workload(config, 1.0)
     specs = [dataclasses.replace(s, at=0.0) for s in build_requests(parse_workload(raw))]
     return simulate(sim_config, specs).throughput
+
+
+def serving_overhead(sim_config: SimConfig, url: str, config: FidelityConfig, out: Path) -> ServingOverhead:
+    """Send :data:`PROBE_REQUESTS` requests one at a time and compare their median TTFT and TPOT with
+    the simulator's for each request alone; the excess (never negative) is serving's own cost."""
+    lengths = {"kind": "fixed", "input": sum(config.input_range) // 2, "output": sum(config.output_range) // 2}
+    raw = {"arrival": {"kind": "concurrency", "concurrency": 1}, "num_requests": PROBE_REQUESTS,
+           "seed": config.seed + 1000, "lengths": lengths}
+    workload_path = out.with_suffix(".yaml")
+    workload_path.write_text(yaml.safe_dump(raw))
+    subprocess.run(_hetpd("bench", "--url", url, "--model", "smollm2", "--workload", str(workload_path),
+                          "--out", str(out)), check=True, stdout=subprocess.DEVNULL)
+    measured = _summary(load_bench(out)["runs"][-1]["summary"])
+    alone = simulate(sim_config, [dataclasses.replace(build_requests(parse_workload(raw))[0], at=0.0)])
+    return ServingOverhead(max(0.0, measured.ttft.p50 - alone.ttft.p50), max(0.0, measured.tpot.p50 - alone.tpot.p50))
 
 
 def run_fidelity(config: FidelityConfig, out: Path, log: Callable[[str], None] = lambda m: print(m, flush=True)
@@ -108,13 +153,18 @@ def run_fidelity(config: FidelityConfig, out: Path, log: Callable[[str], None] =
         deploy = parse_deployment({"model": str(model_dir), "served_model_name": "smollm2", "pools": pools})
         sim_config = sim_config_for(deploy, shape, catalog.accelerator("local"), {p["name"]: steps for p in pools},
                                     catalog.link("local_shm"))
-        capacity = predicted_capacity(sim_config, config)
-        rates = [round(capacity * f, 3) for f in config.loads]
-        log(f"[fidelity] {mode}: predicted capacity {capacity:.2f} req/s; rates {rates}")
         deploy_path = out / f"{mode}.deploy.yaml"
         deploy_path.write_text(yaml.safe_dump(deploy.model_dump(mode="json", exclude_defaults=True)))
         points, simulated, measured = [], [], []
         with local_server(deploy_path, out / f"serve-{mode}.log") as server:
+            probe = serving_overhead(sim_config, server.url, config, out / f"probe-{mode}.json")
+            log(f"[fidelity] {mode}: serving overhead beyond the engine's steps, from {PROBE_REQUESTS} requests "
+                f"one at a time: {1000 * probe.per_first_token:.1f} ms to the first token, "
+                f"{1000 * probe.per_token:.1f} ms per later token")
+            sim_config = probe.applied(sim_config)
+            capacity = predicted_capacity(sim_config, config)
+            rates = [round(capacity * f, 3) for f in config.loads]
+            log(f"[fidelity] {mode}: predicted capacity {capacity:.2f} req/s; rates {rates}")
             for run, rate in enumerate(rates):
                 workload_path = out / f"workload-{mode}-{rate}.yaml"
                 raw = workload(config, rate, run)
@@ -132,7 +182,7 @@ def run_fidelity(config: FidelityConfig, out: Path, log: Callable[[str], None] =
                 points.append(point)
                 simulated.append(result)
                 measured.append(summary)
-        results.append(ModeResult(mode, capacity, tuple(points), tuple(simulated), tuple(measured)))
+        results.append(ModeResult(mode, capacity, probe, tuple(points), tuple(simulated), tuple(measured)))
     return results
 
 
