@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hetpd.bench.traces import UNTIMED_FORMATS, Trace, TraceFormat, TraceRecord, read_trace
-from hetpd.validation import field_problems
+from hetpd.validation import validated
 
 
 class WorkloadError(ValueError):
@@ -159,10 +159,7 @@ class WorkloadConfig(_Strict):
 
 
 def parse_workload(raw: object, where: str = "workload") -> WorkloadConfig:
-    try:
-        return WorkloadConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise WorkloadError(f"{where} is not a valid workload:\n" + field_problems(exc)) from None
+    return validated(WorkloadConfig, raw, WorkloadError, "workload", where)
 
 
 def load_workload(path: str | Path) -> WorkloadConfig:

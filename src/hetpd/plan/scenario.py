@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from hetpd.bench.workload import WorkloadConfig
-from hetpd.validation import field_problems
+from hetpd.validation import validated
 
 Format = Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4", "fp4"]
 
@@ -54,10 +54,7 @@ class ScenarioError(ValueError):
 
 
 def parse_scenario(raw: Any, where: str = "scenario") -> Scenario:
-    try:
-        return Scenario.model_validate(raw)
-    except ValidationError as exc:
-        raise ScenarioError(f"{where} is not a valid scenario:\n" + field_problems(exc)) from None
+    return validated(Scenario, raw, ScenarioError, "scenario", where)
 
 
 def load_scenario(path: str | Path) -> Scenario:

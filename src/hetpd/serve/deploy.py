@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hetpd.kv.format import canonical_kv_dtype
-from hetpd.validation import field_problems
+from hetpd.validation import validated
 
 Role = Literal["prefill", "decode", "colocated"]
 Transport = Literal["shm", "tcp", "inproc"]
@@ -132,7 +132,4 @@ def load_deployment(path: str | Path) -> DeploymentConfig:
 
 
 def parse_deployment(raw: object, where: str = "deployment") -> DeploymentConfig:
-    try:
-        return DeploymentConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise DeploymentError(f"{where} is not a valid deployment:\n" + field_problems(exc)) from None
+    return validated(DeploymentConfig, raw, DeploymentError, "deployment", where)
