@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from machine_load import cpu_pressure_us, loadavg
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -320,23 +321,6 @@ class LoadProbe:
         return best
 
 
-def cpu_pressure_us() -> float | None:
-    """Total microseconds in which some task in this machine waited for a CPU (Linux PSI), or None.
-    Alone, this benchmark leaves it flat; when other processes compete for the two cores, it grows."""
-    try:
-        for line in Path("/proc/pressure/cpu").read_text().splitlines():
-            if line.startswith("some"):
-                return float(line.split("total=")[1])
-    except (OSError, IndexError, ValueError):
-        pass
-    return None
-
-
-def loadavg() -> float:
-    try:
-        return float(Path("/proc/loadavg").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return float("nan")
 
 
 def measure_machine(dtype: torch.dtype, batches: Sequence[int], hidden: int, intermediate: int,

@@ -38,6 +38,7 @@ from hetpd.bench.workload import RequestSpec, build_requests, parse_workload
 from hetpd.plan.fastsim import simulate_fast
 from hetpd.plan.simulator import PoolSpec, SimConfig, SimResult, simulate
 from hetpd.plan.spec import load_catalog
+from machine_load import cpu_pressure_us
 
 TARGET = 20_000.0  # simulated requests per wall second (issue 6)
 SLO_USED = SLO(ttft=0.25, tpot=0.01)
@@ -54,16 +55,6 @@ def azure_requests(n: int, rate: float, seed: int = 0) -> list[RequestSpec]:
         "arrival": {"kind": "poisson", "rate": rate}, "num_requests": n, "seed": seed,
         "lengths": {"kind": "trace"}, "trace": {"path": str(sample_path("azure")), "format": "azure"}}))
 
-
-def cpu_pressure_us() -> float | None:
-    """Microseconds in which some task on this machine waited for a CPU (Linux PSI), or None."""
-    try:
-        for line in Path("/proc/pressure/cpu").read_text().splitlines():
-            if line.startswith("some"):
-                return float(line.split("total=")[1])
-    except (OSError, IndexError, ValueError):
-        pass
-    return None
 
 
 def timed(run: Callable[[], SimResult]) -> tuple[SimResult, float, float]:
