@@ -15,7 +15,9 @@ from hetpd.plan.spec import Catalog
 _WEIGHTS = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "fp16": ("bfloat16", None),
             "int8": ("bfloat16", "int8"), "fp8": ("bfloat16", None), "int4": ("bfloat16", "int8"),
             "fp4": ("bfloat16", "int8")}
-_KV = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp8": "fp8_e4m3", "int8": "int8", "int4": "int8"}
+# The planner's KV format names the engine runs exactly, as engine kv_cache_dtype names.
+ENGINE_KV_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp8": "fp8_e4m3", "int8": "int8"}
+_KV = {**ENGINE_KV_DTYPE, "int4": "int8"}
 
 
 def deployment_for(candidate: Candidate, catalog: Catalog, link: str, model_path: str | None = None,

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 
 from hetpd.bench.metrics import Summary
 from hetpd.kv.format import canonical_kv_dtype
+from hetpd.plan.emit import ENGINE_KV_DTYPE
 from hetpd.plan.simulator import PoolSpec, SimConfig, SimResult
 from hetpd.plan.spec import FORMAT_BYTES, Accelerator, Link, ModelShape
 from hetpd.plan.step_model import MeasuredSteps
 from hetpd.serve.deploy import DeploymentConfig, PoolConfig
 
-# The engine's dtype names as the cost model's format names.
-_FORMAT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "int8", "fp8_e4m3": "fp8"}
+# The engine's dtype names as the cost model's format names (the inverse of what emit writes).
+_FORMAT = {engine: planner for planner, engine in ENGINE_KV_DTYPE.items()}
 
 
 def _format(dtype: str, where: str) -> str:
