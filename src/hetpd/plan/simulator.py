@@ -123,9 +123,10 @@ class SimResult:
 
 
 class _Instance:
-    def __init__(self, name: str, pool: PoolSpec, config: SimConfig) -> None:
+    def __init__(self, name: str, pool: PoolSpec, config: SimConfig, hands_off: bool) -> None:
         blocks = max(1, pool.kv_pool_tokens // config.page_tokens)
         self.name = name
+        self.hands_off = hands_off  # a prefill instance of a disaggregated deployment: first token, then handoff
         self.pool = pool
         self.allocator = BlockAllocator(blocks, config.page_tokens, enable_prefix_caching=False)
         self.scheduler = Scheduler(SchedulerConfig(pool.max_num_seqs, pool.max_batch_tokens), self.allocator)
@@ -165,8 +166,9 @@ class _Simulation:
     def __init__(self, config: SimConfig, requests: Seq[RequestSpec], lease: LeaseConfig | None) -> None:
         check_pools(config)
         self.cfg = config
-        self.prefill = [_Instance(f"prefill-{i}", config.prefill, config) for i in range(config.prefill.count)]
-        self.decode = [] if config.colocated else [_Instance(f"decode-{i}", config.decode, config)
+        self.prefill = [_Instance(f"prefill-{i}", config.prefill, config, hands_off=not config.colocated)
+                        for i in range(config.prefill.count)]
+        self.decode = [] if config.colocated else [_Instance(f"decode-{i}", config.decode, config, hands_off=False)
                                                     for i in range(config.decode.count)]
         self.by_name = {i.name: i for i in self.prefill + self.decode}
         self.producers, self.consumers = ProducerLeases(lease), ConsumerLeases(lease)
@@ -247,17 +249,16 @@ class _Simulation:
         for chunk in sampling:
             request_id, seq = chunk.seq.seq_id, chunk.seq
             times, spec = self.times[request_id], self.specs[request_id]
-            hands_off = inst in self.prefill and not self.cfg.colocated
-            if not (hands_off and times.first_token is not None):  # a re-prefill's token was sent already
+            if not (inst.hands_off and times.first_token is not None):  # a re-prefill's token was sent already
                 times.token(now)
-            if hands_off:
+            if inst.hands_off:
                 blocks = inst.scheduler.finish(seq, keep_blocks=True)
                 if spec.output_tokens <= 1:
                     inst.allocator.free(blocks)
                     times.finished = now
                 else:
                     self.offer(request_id, blocks, now)
-            elif seq.num_output_tokens >= spec.output_tokens or seq.num_output_tokens >= seq.max_tokens:
+            elif seq.num_output_tokens >= spec.output_tokens:
                 inst.scheduler.finish(seq)
                 times.finished = now
                 while self.refused:  # room freed: the refused ones get another go
