@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=None, help="HTTP port (overrides the file; 0 = any free port)")
     srv.add_argument("--sample-request", default=None, metavar="TEXT",
                      help="send one chat request through the deployment, print the answer and its trace, then stop")
+    srv.add_argument("--step-trace", type=Path, default=None, metavar="DIR",
+                     help="each worker appends its engine steps (work, wall and CPU seconds) to DIR/<worker>.jsonl; "
+                          "`hetpd profile --served-steps DIR` fits the planner's step model to them")
 
     commands.add_parser("worker", help="run one worker that joins a running router (see `hetpd worker --help`)",
                         add_help=False)
@@ -116,6 +120,11 @@ def _serve(args: argparse.Namespace) -> int:
     from hetpd.serve.launcher import serve
 
     deploy = load_deployment(args.config) if args.config else default_deployment()
+    if args.step_trace is not None:
+        from hetpd.serve.worker import STEP_TRACE_ENV
+
+        args.step_trace.mkdir(parents=True, exist_ok=True)
+        os.environ[STEP_TRACE_ENV] = str(args.step_trace.resolve())  # the workers inherit it
     port = args.port if args.port is not None else (0 if args.sample_request is not None else None)
     try:
         return asyncio.run(serve(deploy, args.sample_request, port))

@@ -12,7 +12,8 @@ from hetpd.bench.workload import RequestSpec, build_requests, parse_workload
 from hetpd.plan.bound import GoodputBound, charged_goodput, horizon_for, step_floors
 from hetpd.plan.simulator import PoolSpec, RequestTimes, SimConfig, simulate
 from hetpd.plan.spec import ModelShape, load_catalog
-from hetpd.plan.step_model import MeasuredSteps, RooflineSteps, StepWork
+from hetpd.core.step_work import StepWork
+from hetpd.plan.step_model import MeasuredSteps, RooflineSteps
 
 CATALOG = load_catalog()
 H100 = CATALOG.accelerator("nvidia_h100_sxm")

@@ -12,7 +12,7 @@ from hetpd.plan.profile import load_steps, profile, write
 from hetpd.plan.scenario import parse_scenario
 from hetpd.plan.search import plan
 from hetpd.plan.spec import load_catalog
-from hetpd.plan.step_model import StepWork
+from hetpd.core.step_work import StepWork
 
 
 def test_profile_writes_a_calibration_the_planner_uses(tiny_model_dir: Callable[[str], Path], tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ import pytest
 
 from hetpd.plan.cost import decode_step_time, prefill_time
 from hetpd.plan.spec import load_catalog
-from hetpd.plan.step_model import MeasuredSteps, RooflineSteps, StepWork, fit_steps
+from hetpd.core.step_work import StepWork
+from hetpd.plan.step_model import MeasuredSteps, RooflineSteps, fit_steps
 
 CATALOG = load_catalog()
 H100 = CATALOG.accelerator("nvidia_h100_sxm")

@@ -21,6 +21,7 @@ import torch
 from hetpd.core.block_allocator import BlockAllocator
 from hetpd.core.scheduler import Scheduler, SchedulerConfig
 from hetpd.core.sequence import Sequence
+from hetpd.core.step_work import StepWork, step_work
 from hetpd.engine.config import EngineConfig
 from hetpd.engine.kv_cache import PagedKVCache
 from hetpd.engine.runner import ModelRunner
@@ -68,6 +69,7 @@ class StepResult:
     logits: dict[str, torch.Tensor]
     num_batched_tokens: int
     num_preempted: int
+    work: StepWork = StepWork()  # what the step computed, as the planner's step models price it
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,7 @@ class Engine:
         output = self.scheduler.schedule()
         if output.is_empty:
             return StepResult([], [], {}, {}, 0, len(output.preempted))
+        work = step_work(output)
         step_logits = self.runner.execute(output.chunks)
         requests = [self._requests[chunk.seq.seq_id] for chunk in step_logits.sampling_chunks]
         result = sample(step_logits.logits, [r.params for r in requests], [r.generator for r in requests])
@@ -220,7 +223,7 @@ class Engine:
                 self._held[request.request_id] = (request, blocks)
                 handed_off.append(self._output(request))
         logits = {r.request_id: step_logits.logits[i] for i, r in enumerate(requests)}
-        return StepResult(finished, handed_off, sampled, logits, output.num_batched_tokens, len(output.preempted))
+        return StepResult(finished, handed_off, sampled, logits, output.num_batched_tokens, len(output.preempted), work)
 
     # ------------------------------------------------------------------ prefill side
     def held_request_ids(self) -> list[str]:

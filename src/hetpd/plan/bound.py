@@ -64,7 +64,8 @@ from hetpd.bench.metrics import SLO
 from hetpd.bench.workload import RequestSpec
 from hetpd.plan.cost import handoff_time
 from hetpd.plan.simulator import PoolSpec, SimConfig, SimResult
-from hetpd.plan.step_model import MeasuredSteps, RooflineSteps, StepWork
+from hetpd.core.step_work import StepWork
+from hetpd.plan.step_model import MeasuredSteps, RooflineSteps
 
 Array = npt.NDArray[np.float64]
 ROUNDING_SLACK = 1e-9

@@ -68,7 +68,8 @@ from hetpd.plan.simulator import (
     check_pools,
     summarize,
 )
-from hetpd.plan.step_model import MeasuredSteps, RooflineSteps, StepCoster, StepWork
+from hetpd.core.step_work import StepWork
+from hetpd.plan.step_model import MeasuredSteps, RooflineSteps, StepCoster
 
 _PROBE = 1 << 20  # the context at which a coster is evaluated a second time to get its slope
 _NEVER = 1 << 62  # a step index no segment reaches

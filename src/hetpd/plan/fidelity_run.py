@@ -18,6 +18,8 @@ predicts, so the operating points come from the model, not from the measurement.
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -31,12 +33,15 @@ from hetpd.bench.metrics import SLO, Distribution, Summary
 from hetpd.bench.report import load as load_bench
 from hetpd.bench.workload import build_requests, parse_workload
 from hetpd.plan.fidelity import Agreement, agreement, sim_config_for
-from hetpd.plan.profile import load_steps
+from hetpd.core.step_work import StepWork
+from hetpd.plan.profile import load_steps, refit, served_steps
 from hetpd.plan.simulator import PoolSpec, SimConfig, SimResult, simulate
 from hetpd.plan.spec import ModelShape, load_catalog
+from hetpd.plan.step_model import MeasuredSteps
 from hetpd.serve.deploy import parse_deployment
 from hetpd.serve.launcher import worker_threads
 from hetpd.serve.local import local_server
+from hetpd.serve.worker import STEP_TRACE_ENV
 
 DEPLOYMENTS: dict[str, list[dict[str, Any]]] = {
     "colocated": [{"name": "colocated", "role": "colocated", "num_kv_blocks": 1024}],
@@ -56,6 +61,9 @@ class FidelityConfig:
     slo: SLO = SLO(ttft=2.0, tpot=0.2)
     quick_profile: bool = False
     seed: int = 0
+    # A load (fraction of the profiled capacity) served first, on its own requests, whose steps the
+    # step model is refitted to (`hetpd profile --served-steps`); None: the engine profile alone.
+    calibration_load: float | None = 0.6
 
 
 PROBE_REQUESTS = 4
@@ -92,6 +100,9 @@ class ModeResult:
     points: tuple[Agreement, ...]
     simulated: tuple[SimResult, ...]
     measured: tuple[Summary, ...]
+    # Per load point, per pool: the served steps' total wall time over what the step model the
+    # simulator used predicts for the same steps (1.0: the steps cost what the simulator assumed).
+    step_ratios: tuple[dict[str, float], ...] = ()
 
 
 def workload(config: FidelityConfig, rate: float, run: int = 0) -> dict[str, Any]:
@@ -149,14 +160,21 @@ def run_fidelity(config: FidelityConfig, out: Path, log: Callable[[str], None] =
             subprocess.run(_hetpd(*profile_args, *(["--quick"] if config.quick_profile else [])), check=True,
                            stdout=subprocess.DEVNULL, stderr=profile_log)
         catalog = load_catalog([calibration])
-        steps = load_steps(str(calibration))
         deploy = parse_deployment({"model": str(model_dir), "served_model_name": "smollm2", "pools": pools})
-        sim_config = sim_config_for(deploy, shape, catalog.accelerator("local"), {p["name"]: steps for p in pools},
-                                    catalog.link("local_shm"))
+        steps = {p["name"]: load_steps(str(calibration)) for p in pools}
+        link = catalog.link("local_shm")
         deploy_path = out / f"{mode}.deploy.yaml"
         deploy_path.write_text(yaml.safe_dump(deploy.model_dump(mode="json", exclude_defaults=True)))
-        points, simulated, measured = [], [], []
-        with local_server(deploy_path, out / f"serve-{mode}.log") as server:
+        trace_dir = out / f"steps-{mode}"
+        shutil.rmtree(trace_dir, ignore_errors=True)
+        trace_dir.mkdir()
+        points, simulated, measured, ratios = [], [], [], []
+        with local_server(deploy_path, out / f"serve-{mode}.log", env={STEP_TRACE_ENV: str(trace_dir)}) as server:
+            if config.calibration_load is not None:
+                profiled = sim_config_for(deploy, shape, catalog.accelerator("local"), steps, link)
+                steps = _calibrate_on_served_steps(config, mode, profiled, list(steps), server.url, calibration,
+                                                   trace_dir, out, log)
+            sim_config = sim_config_for(deploy, shape, catalog.accelerator("local"), steps, link)
             probe = serving_overhead(sim_config, server.url, config, out / f"probe-{mode}.json")
             log(f"[fidelity] {mode}: serving overhead beyond the engine's steps, from {PROBE_REQUESTS} requests "
                 f"one at a time: {1000 * probe.per_first_token:.1f} ms to the first token, "
@@ -166,24 +184,70 @@ def run_fidelity(config: FidelityConfig, out: Path, log: Callable[[str], None] =
             rates = [round(capacity * f, 3) for f in config.loads]
             log(f"[fidelity] {mode}: predicted capacity {capacity:.2f} req/s; rates {rates}")
             for run, rate in enumerate(rates):
-                workload_path = out / f"workload-{mode}-{rate}.yaml"
+                seen = _trace_lengths(trace_dir)
                 raw = workload(config, rate, run)
-                workload_path.write_text(yaml.safe_dump(raw))
-                bench_out = out / f"bench-{mode}-{rate}.json"
-                log(f"[fidelity] {mode}: hetpd bench at {rate} req/s ({config.num_requests} requests)")
-                subprocess.run(_hetpd("bench", "--url", server.url, "--model", "smollm2", "--workload", str(workload_path),
-                                      "--slo-ttft-ms", str(1000 * config.slo.ttft),
-                                      "--slo-tpot-ms", str(1000 * config.slo.tpot), "--out", str(bench_out)),
-                               check=True, stdout=subprocess.DEVNULL)
-                summary = _summary(load_bench(bench_out)["runs"][-1]["summary"])
+                summary = _bench(server.url, raw, config, out / f"workload-{mode}-{rate}.yaml",
+                                 out / f"bench-{mode}-{rate}.json", log)
                 result = simulate(sim_config, build_requests(parse_workload(raw)), config.slo)
                 point = agreement(mode, rate, summary, result)
-                log(f"[fidelity] {point.row()}")
+                ratio = {pool: _served_over_model(trace_dir, pool, seen, model) for pool, model in steps.items()}
+                log(f"[fidelity] {point.row()}   served steps / step model: "
+                    + ", ".join(f"{pool} {r:.2f}" for pool, r in ratio.items()))
                 points.append(point)
                 simulated.append(result)
                 measured.append(summary)
-        results.append(ModeResult(mode, capacity, probe, tuple(points), tuple(simulated), tuple(measured)))
+                ratios.append(ratio)
+        results.append(ModeResult(mode, capacity, probe, tuple(points), tuple(simulated), tuple(measured),
+                                  tuple(ratios)))
     return results
+
+
+def _bench(url: str, raw: dict[str, Any], config: FidelityConfig, workload_path: Path, out: Path,
+           log: Callable[[str], None]) -> Summary:
+    """``hetpd bench`` of the workload ``raw`` against ``url``; its summary."""
+    workload_path.write_text(yaml.safe_dump(raw))
+    log(f"[fidelity] hetpd bench at {raw['arrival']['rate']} req/s ({raw['num_requests']} requests)")
+    subprocess.run(_hetpd("bench", "--url", url, "--model", "smollm2", "--workload", str(workload_path),
+                          "--slo-ttft-ms", str(1000 * config.slo.ttft), "--slo-tpot-ms", str(1000 * config.slo.tpot),
+                          "--out", str(out)), check=True, stdout=subprocess.DEVNULL)
+    return _summary(load_bench(out)["runs"][-1]["summary"])
+
+
+def _calibrate_on_served_steps(config: FidelityConfig, mode: str, sim_config: SimConfig, pools: list[str], url: str,
+                               calibration: Path, trace_dir: Path, out: Path, log: Callable[[str], None]
+                               ) -> dict[str, MeasuredSteps]:
+    """Serve a calibration load (its own requests, never a load point's) and refit each pool's step
+    model to the engine profile plus the steps that pool's workers served: what an isolated
+    profile misses (the worker loop and its neighbours between steps, the batch shapes real
+    traffic makes) is then in the model. Returns the refitted model of each pool."""
+    assert config.calibration_load is not None
+    rate = round(predicted_capacity(sim_config, config) * config.calibration_load, 3)
+    raw = {**workload(config, rate), "seed": config.seed + 500}
+    _bench(url, raw, config, out / f"workload-{mode}-calibration.yaml", out / f"bench-{mode}-calibration.json", log)
+    steps = {}
+    for pool in pools:
+        served = served_steps(trace_dir, f"{pool}-")  # worker ids are <pool>-<index>
+        fit = refit(calibration, served, out / f"calibration-{mode}-{pool}.yaml")
+        steps[pool] = fit.model
+        log(f"[fidelity] {mode}: {pool} step model refitted to {len(served)} served steps and the profile's: "
+            f"median error {100 * fit.median_error:.1f}%")
+    return steps
+
+
+def _trace_lengths(trace_dir: Path) -> dict[str, int]:
+    return {f.name: len(f.read_text().splitlines()) for f in trace_dir.glob("*.jsonl")}
+
+
+def _served_over_model(trace_dir: Path, pool: str, seen: dict[str, int], model: MeasuredSteps) -> float:
+    """Total wall time of the steps ``pool``'s workers served since ``seen`` over what ``model``
+    predicts for those same steps."""
+    wall = predicted = 0.0
+    for file in trace_dir.glob(f"{pool}-*.jsonl"):
+        for line in file.read_text().splitlines()[seen.get(file.name, 0):]:
+            row = json.loads(line)
+            wall += row["wall"]
+            predicted += model.seconds(StepWork(*row["work"]))
+    return wall / predicted if predicted > 0 else float("nan")
 
 
 def _summary(raw: dict[str, Any]) -> Summary:

@@ -41,7 +41,8 @@ from hetpd.ownership import (
 )
 from hetpd.plan.cost import Efficiency, handoff_time, kv_bytes_per_token
 from hetpd.plan.spec import Accelerator, Link, ModelShape
-from hetpd.plan.step_model import MeasuredSteps, RooflineSteps, StepCoster, StepWork
+from hetpd.core.step_work import step_work
+from hetpd.plan.step_model import MeasuredSteps, RooflineSteps, StepCoster
 
 
 @dataclass(frozen=True)
@@ -135,20 +136,6 @@ class _Instance:
         self.current: SchedulerOutput | None = None
         self.busy_time = 0.0
         self.reserving: set[str] = set()  # handoffs admitted here whose KV has not landed: slots taken
-
-
-def step_work(output: SchedulerOutput) -> StepWork:
-    """The work a scheduled step does: prompt chunks (prefill, or recompute after preemption) and
-    one-token decodes past the prompt."""
-    prefill_tokens = prefill_pairs = decode_seqs = decode_context = 0
-    for chunk in output.chunks:
-        if chunk.num_tokens == 1 and chunk.start >= chunk.seq.num_prompt_tokens:
-            decode_seqs += 1
-            decode_context += chunk.start + 1
-        else:
-            prefill_tokens += chunk.num_tokens
-            prefill_pairs += StepWork.chunk_pairs(chunk.start, chunk.num_tokens)
-    return StepWork(prefill_tokens, prefill_pairs, decode_seqs, decode_context)
 
 
 def check_pools(config: SimConfig) -> None:

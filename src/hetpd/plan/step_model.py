@@ -15,23 +15,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
+from hetpd.core.step_work import StepWork
 from hetpd.plan.cost import Efficiency, StageTime, step_time
 from hetpd.plan.spec import Accelerator, ModelShape
-
-
-@dataclass(frozen=True)
-class StepWork:
-    """The work of one step. ``prefill_pairs`` counts (query, key) pairs of the prompt chunks:
-    a chunk of ``n`` tokens starting at ``start`` has ``n * start + n * (n + 1) // 2``."""
-
-    prefill_tokens: int = 0
-    prefill_pairs: int = 0
-    decode_seqs: int = 0
-    decode_context: int = 0
-
-    @staticmethod
-    def chunk_pairs(start: int, num_tokens: int) -> int:
-        return num_tokens * start + num_tokens * (num_tokens + 1) // 2
 
 
 class StepCoster(Protocol):

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 from hetpd.engine.config import EngineConfig
 from hetpd.engine.engine import Engine
@@ -38,6 +38,7 @@ from hetpd.transfer.net import Conn, PeerGone, connect
 
 STATS_EVERY_S = 0.25
 FAULTS_ENV = "HETPD_FAULTS"
+STEP_TRACE_ENV = "HETPD_STEP_TRACE"  # a directory: each worker appends its steps to <worker id>.jsonl
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ class Worker:
             self.consumer = ConsumerEndpoint(engine, self.receiver, self.state.params.__getitem__, lease_config)
         self._last_stats = 0.0
         self._tokens_streamed = 0
+        self._step_trace: IO[str] | None = None
         for endpoint in (self.producer, self.consumer):
             if endpoint is not None:
                 endpoint.on_step = self._trace
@@ -203,6 +205,8 @@ class Worker:
     # ------------------------------------------------------------------ the loop
     def run(self) -> None:
         threading.Thread(target=self.read_loop, name="hetpd-worker-control", daemon=True).start()
+        trace_dir = os.environ.get(STEP_TRACE_ENV)
+        self._step_trace = open(os.path.join(trace_dir, f"{self.worker_id}.jsonl"), "a", buffering=1) if trace_dir else None
         while not self.stopping.is_set():
             # Engine work: never wait. Only handoffs in flight: wake often enough to poll the transport
             # (2 ms) without spinning a core the engines next door need. Idle: 20 ms.
@@ -228,7 +232,14 @@ class Worker:
 
     def step(self, now: float) -> None:
         if self.engine.has_unfinished():
+            cpu = time.thread_time()
             result = self.engine.step()
+            if self._step_trace is not None and result.num_batched_tokens:
+                # Wall and this thread's CPU time of the engine step, with the work it did: the
+                # served steps the planner's step model can be checked (or fitted) against.
+                self._step_trace.write(json.dumps({
+                    "at": now, "wall": time.monotonic() - now, "cpu": time.thread_time() - cpu,
+                    "work": list(dataclasses.astuple(result.work))}) + "\n")
             for out in result.finished:
                 self._send_output(out.request_id, out)
             for out in result.handed_off:
@@ -316,6 +327,8 @@ class Worker:
         }
 
     def close(self) -> None:
+        if self._step_trace is not None:
+            self._step_trace.close()
         for endpoint in (self.sender, self.receiver):
             if endpoint is not None:
                 endpoint.close()
