@@ -2,9 +2,12 @@
 """Simulator fidelity: the planner's prediction against a real `hetpd serve`, measured by `hetpd bench`.
 
 For a colocated deployment and a 1-prefill-1-decode one, on this machine: `hetpd profile` (with
-the threads `hetpd serve` gives each worker), then the simulator picks light, medium and
-near-saturation rates from the capacity it predicts, then `hetpd bench` measures the real
-deployment at each rate and the simulator replays the same requests. Targets (issue 6): median
+the threads `hetpd serve` gives each worker), then `hetpd serve --step-trace` serves a
+calibration load of its own requests and each pool's step model is refitted to the steps it
+served, then the simulator picks light, medium and near-saturation rates from the capacity it
+predicts, then `hetpd bench` measures the real deployment at each rate and the simulator
+replays the same requests. Each point also reports the served steps' time over what the step
+model predicted for them: how far the machine drifted from its calibration. Targets (issue 6): median
 TTFT and median TPOT within 15%, goodput within 10%.
 
     .venv/bin/python benchmarks/fidelity.py [--num-requests 30] [--modes colocated,1P1D]
@@ -61,7 +64,10 @@ def main() -> None:
     config = FidelityConfig(modes=tuple(args.modes.split(",")), num_requests=args.num_requests)
     results = run_fidelity(config, args.out)
     points = [point for mode in results for point in mode.points]
-    lines = [HEADER] + [point.row() for point in points]
+    ratios = [ratio for mode in results for ratio in mode.step_ratios]
+    lines = [HEADER + "   served steps / model"] + [
+        point.row() + "   " + ", ".join(f"{pool} {r:.2f}" for pool, r in ratio.items())
+        for point, ratio in zip(points, ratios, strict=True)]
     held = sum(point.within() for point in points)
     lines.append(f"{held}/{len(points)} load points within the targets (TTFT, TPOT within 15%; goodput within 10%)")
     print("\n".join(lines))
@@ -70,7 +76,9 @@ def main() -> None:
         {"config": asdict(config), "modes": [{"mode": m.mode, "capacity": m.capacity, "serving_overhead": asdict(m.overhead),
                                               "points": [{**asdict(p), "ttft_error": p.ttft_error,
                                                           "tpot_error": p.tpot_error,
-                                                          "goodput_error": p.goodput_error} for p in m.points]}
+                                                          "goodput_error": p.goodput_error,
+                                                          "served_steps_over_model": r}
+                                                         for p, r in zip(m.points, m.step_ratios, strict=True)]}
                                              for m in results]}, indent=1, default=str))
     draw(results, args.out / "fidelity.png")
     print(f"wrote {args.out / 'fidelity.md'}, fidelity.json and fidelity.png")

@@ -121,7 +121,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     deploy = load_deployment(args.config) if args.config else default_deployment()
     if args.step_trace is not None:
-        from hetpd.serve.worker import STEP_TRACE_ENV
+        from hetpd.core.step_work import STEP_TRACE_ENV
 
         args.step_trace.mkdir(parents=True, exist_ok=True)
         os.environ[STEP_TRACE_ENV] = str(args.step_trace.resolve())  # the workers inherit it

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 PURE_MODULES = [
-    "hetpd.core.scheduler", "hetpd.core.block_allocator", "hetpd.core.sequence",
+    "hetpd.core.scheduler", "hetpd.core.step_work", "hetpd.core.block_allocator", "hetpd.core.sequence",
     "hetpd.models.config", "hetpd.sampling_params", "hetpd.outputs",
     "hetpd.kv", "hetpd.kv.format", "hetpd.kv.check", "hetpd.kv.plan", "hetpd.kv.state", "hetpd.kv.table",
     "hetpd.transfer.base", "hetpd.transfer.factory", "hetpd.transfer.tcp", "hetpd.transfer.shm",

@@ -2,7 +2,8 @@
 
 A reduced version of benchmarks/fidelity.py (which runs colocated and 1P1D at three loads with
 30 requests each and holds TTFT and TPOT medians to 15%, goodput to 10%): one prefill and one
-decode worker, one medium load, 12 requests, a quick profile. Twelve requests make a median
+decode worker, one medium load, 12 requests, a quick profile, and the step models refitted to a
+calibration load of 12 requests the deployment served first. Twelve requests make a median
 that moves by a request's worth, so the bounds here are wider; a simulator off by a factor
 (a wrong step model, a missing handoff, queueing in the wrong place) still fails it.
 """
@@ -25,3 +26,9 @@ def test_the_simulator_predicts_a_real_1p1d_deployment(tmp_path: Path) -> None:
     assert point.ttft_error < 0.35, point.row()
     assert point.tpot_error < 0.35, point.row()
     assert point.goodput_error < 0.25, point.row()
+    # The step models were refitted to a calibration load the workers served (their step traces),
+    # and the load point's served steps cost about what those models say.
+    [ratios] = mode.step_ratios
+    assert set(ratios) == {"prefill", "decode"}
+    assert all(0.7 < r < 1.4 for r in ratios.values()), ratios
+    assert (tmp_path / "calibration-1P1D-decode.yaml").exists() and list((tmp_path / "steps-1P1D").glob("decode-*.jsonl"))

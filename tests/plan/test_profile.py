@@ -7,12 +7,12 @@ from pathlib import Path
 
 import yaml
 
+from hetpd.core.step_work import StepWork
 from hetpd.plan.cost import load_efficiency
 from hetpd.plan.profile import load_steps, profile, write
 from hetpd.plan.scenario import parse_scenario
 from hetpd.plan.search import plan
 from hetpd.plan.spec import load_catalog
-from hetpd.core.step_work import StepWork
 
 
 def test_profile_writes_a_calibration_the_planner_uses(tiny_model_dir: Callable[[str], Path], tmp_path: Path) -> None:
@@ -57,3 +57,4 @@ def test_busy_neighbours_run_beside_the_measurements_and_are_gone_after(tiny_mod
     assert yaml.safe_load(path.read_text())["step_model"]["neighbours"] == 1
     left = subprocess.run(["pgrep", "-f", "neighbour_loop"], capture_output=True, text=True).stdout.split()
     assert not left, f"neighbour processes still running: {left}"
+

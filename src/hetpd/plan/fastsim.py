@@ -711,6 +711,13 @@ def simulate_fast(config: SimConfig, requests: Seq[RequestSpec], slo: SLO = SLO(
                   horizon_s: float = 3600.0) -> SimResult:
     """:func:`~hetpd.plan.simulator.simulate`'s result for the same deployment and requests, from
     the fast simulation (module docstring: what it does and what it approximates)."""
+    exact_only = [name for name, on in (("control_at_step_boundaries", config.control_at_step_boundaries),
+                                        ("prefill.interference", config.prefill.interference > 0),
+                                        ("decode.interference", config.decode.interference > 0)) if on]
+    if exact_only:
+        raise ValueError(f"{', '.join(exact_only)}: the fast simulator does not model this (lease messages arrive "
+                         "at once; instances never slow each other); simulate the config with "
+                         "hetpd.plan.simulator.simulate (`hetpd plan --exact-simulator`)")
     sim = _Simulation(config, requests)
     end = sim.run(horizon_s)
     return sim.result(end, slo)

@@ -30,20 +30,25 @@ def _format(dtype: str, where: str) -> str:
         raise ValueError(f"{where}: {dtype!r} has no cost-model format; known: {sorted(_FORMAT)}") from None
 
 
-def _pool(pool: PoolConfig, accelerator: Accelerator, steps: MeasuredSteps) -> PoolSpec:
+def _pool(pool: PoolConfig, accelerator: Accelerator, steps: MeasuredSteps, interference: float) -> PoolSpec:
     if pool.num_kv_blocks is None:
         raise ValueError(f"pools.{pool.name}.num_kv_blocks: set it to simulate the pool (the capacity "
                          "derived from kv_cache_memory_gb depends on the model's KV width at start-up)")
     weights = "int8" if pool.quantization == "int8" else _format(pool.dtype, f"pools.{pool.name}.dtype")
     return PoolSpec(accelerator, pool.count, _format(pool.dtype, f"pools.{pool.name}.dtype"), weights,
                     _format(pool.kv_cache_dtype, f"pools.{pool.name}.kv_cache_dtype"),
-                    pool.num_kv_blocks * pool.block_size, pool.max_num_seqs, pool.max_num_batched_tokens, steps)
+                    pool.num_kv_blocks * pool.block_size, pool.max_num_seqs, pool.max_num_batched_tokens, steps,
+                    interference)
 
 
 def sim_config_for(deploy: DeploymentConfig, model: ModelShape, accelerator: Accelerator,
-                   steps: dict[str, MeasuredSteps], link: Link) -> SimConfig:
-    """The simulator's view of ``deploy``. ``steps`` maps each pool's name to the step model
-    measured at that pool's thread count; ``link`` carries the KV between prefill and decode."""
+                   steps: dict[str, MeasuredSteps], link: Link, interference: dict[str, float] | None = None
+                   ) -> SimConfig:
+    """The simulator's view of ``deploy``, every worker on this host. ``steps`` maps each pool's
+    name to the step model measured at that pool's thread count; ``interference`` (default 0) to
+    how much longer its steps run beside a busy worker; ``link`` carries the KV between prefill
+    and decode."""
+    slowdown = interference or {}
     missing = [p.name for p in deploy.pools if p.name not in steps]
     if missing:
         raise ValueError(f"steps: no measured step model for pools {missing}; profile them with `hetpd profile`")
@@ -54,14 +59,19 @@ def sim_config_for(deploy: DeploymentConfig, model: ModelShape, accelerator: Acc
     if any(p.block_size != page for p in deploy.pools):
         raise ValueError("pools.*.block_size: the simulator models one page size for the deployment")
     if "colocated" in by_role:
-        pool = _pool(by_role["colocated"], accelerator, steps[by_role["colocated"].name])
-        return SimConfig(model, pool, pool, link, wire_fmt=pool.kv_fmt, page_tokens=page, colocated=True)
-    prefill = _pool(by_role["prefill"], accelerator, steps[by_role["prefill"].name])
-    decode = _pool(by_role["decode"], accelerator, steps[by_role["decode"].name])
+        pool = _pool(by_role["colocated"], accelerator, steps[by_role["colocated"].name],
+                     slowdown.get(by_role["colocated"].name, 0.0))
+        return SimConfig(model, pool, pool, link, wire_fmt=pool.kv_fmt, page_tokens=page, colocated=True,
+                         control_at_step_boundaries=True)
+    prefill = _pool(by_role["prefill"], accelerator, steps[by_role["prefill"].name],
+                    slowdown.get(by_role["prefill"].name, 0.0))
+    decode = _pool(by_role["decode"], accelerator, steps[by_role["decode"].name],
+                   slowdown.get(by_role["decode"].name, 0.0))
     # The KV crosses in the narrower of the two formats (the handoff planner converts on the
     # side that shrinks the wire).
     wire = min(prefill.kv_fmt, decode.kv_fmt, key=FORMAT_BYTES.__getitem__)
-    return SimConfig(model, prefill, decode, link, wire_fmt=wire, page_tokens=page)
+    # A hetpd worker reads lease messages between its engine steps (serve.worker's loop).
+    return SimConfig(model, prefill, decode, link, wire_fmt=wire, page_tokens=page, control_at_step_boundaries=True)
 
 
 @dataclass(frozen=True)

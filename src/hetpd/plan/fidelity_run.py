@@ -18,7 +18,6 @@ predicts, so the operating points come from the model, not from the measurement.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import subprocess
 import sys
@@ -32,16 +31,15 @@ import yaml
 from hetpd.bench.metrics import SLO, Distribution, Summary
 from hetpd.bench.report import load as load_bench
 from hetpd.bench.workload import build_requests, parse_workload
+from hetpd.core.step_work import STEP_TRACE_ENV
 from hetpd.plan.fidelity import Agreement, agreement, sim_config_for
-from hetpd.core.step_work import StepWork
-from hetpd.plan.profile import load_steps, refit, served_steps
+from hetpd.plan.profile import load_steps
+from hetpd.plan.served_steps import load_interference, refit, served_steps
 from hetpd.plan.simulator import PoolSpec, SimConfig, SimResult, simulate
 from hetpd.plan.spec import ModelShape, load_catalog
-from hetpd.plan.step_model import MeasuredSteps
 from hetpd.serve.deploy import parse_deployment
 from hetpd.serve.launcher import worker_threads
 from hetpd.serve.local import local_server
-from hetpd.serve.worker import STEP_TRACE_ENV
 
 DEPLOYMENTS: dict[str, list[dict[str, Any]]] = {
     "colocated": [{"name": "colocated", "role": "colocated", "num_kv_blocks": 1024}],
@@ -153,8 +151,11 @@ def run_fidelity(config: FidelityConfig, out: Path, log: Callable[[str], None] =
         threads = worker_threads(len(pools))  # what `hetpd serve` gives each worker
         calibration = out / f"calibration-{mode}.yaml"
         log(f"[fidelity] {mode}: hetpd profile --threads {threads}")
-        # The other workers of the deployment run beside each one: profile with as many busy neighbours.
-        profile_args = ["profile", "--threads", str(threads), "--neighbours", str(len(pools) - 1),
+        # Calibrated on served steps, the engine is profiled alone and the served steps measure how
+        # much the deployment's workers slow each other; without, as many busy neighbours run beside
+        # the profile as the deployment has other workers.
+        neighbours = 0 if config.calibration_load is not None else len(pools) - 1
+        profile_args = ["profile", "--threads", str(threads), "--neighbours", str(neighbours),
                         "--out", str(calibration)]
         with (out / f"profile-{mode}.log").open("w") as profile_log:
             subprocess.run(_hetpd(*profile_args, *(["--quick"] if config.quick_profile else [])), check=True,
@@ -162,6 +163,7 @@ def run_fidelity(config: FidelityConfig, out: Path, log: Callable[[str], None] =
         catalog = load_catalog([calibration])
         deploy = parse_deployment({"model": str(model_dir), "served_model_name": "smollm2", "pools": pools})
         steps = {p["name"]: load_steps(str(calibration)) for p in pools}
+        interference: dict[str, float] = {}
         link = catalog.link("local_shm")
         deploy_path = out / f"{mode}.deploy.yaml"
         deploy_path.write_text(yaml.safe_dump(deploy.model_dump(mode="json", exclude_defaults=True)))
@@ -172,13 +174,20 @@ def run_fidelity(config: FidelityConfig, out: Path, log: Callable[[str], None] =
         with local_server(deploy_path, out / f"serve-{mode}.log", env={STEP_TRACE_ENV: str(trace_dir)}) as server:
             if config.calibration_load is not None:
                 profiled = sim_config_for(deploy, shape, catalog.accelerator("local"), steps, link)
-                steps = _calibrate_on_served_steps(config, mode, profiled, list(steps), server.url, calibration,
+                files = _calibrate_on_served_steps(config, mode, profiled, list(steps), server.url, calibration,
                                                    trace_dir, out, log)
-            sim_config = sim_config_for(deploy, shape, catalog.accelerator("local"), steps, link)
+                steps = {pool: load_steps(str(path)) for pool, path in files.items()}
+                interference = {pool: load_interference(path) for pool, path in files.items()}
+            sim_config = sim_config_for(deploy, shape, catalog.accelerator("local"), steps, link, interference)
             probe = serving_overhead(sim_config, server.url, config, out / f"probe-{mode}.json")
             log(f"[fidelity] {mode}: serving overhead beyond the engine's steps, from {PROBE_REQUESTS} requests "
                 f"one at a time: {1000 * probe.per_first_token:.1f} ms to the first token, "
                 f"{1000 * probe.per_token:.1f} ms per later token")
+            if config.calibration_load is not None:
+                # Served steps already carry what serving adds between tokens; adding the probe's
+                # per-token excess too would count it twice. Before the first token (HTTP, the
+                # tokenizer, the router's dispatch) no step trace sees it: that part applies.
+                probe = dataclasses.replace(probe, per_token=0.0)
             sim_config = probe.applied(sim_config)
             capacity = predicted_capacity(sim_config, config)
             rates = [round(capacity * f, 3) for f in config.loads]
@@ -190,7 +199,9 @@ def run_fidelity(config: FidelityConfig, out: Path, log: Callable[[str], None] =
                                  out / f"bench-{mode}-{rate}.json", log)
                 result = simulate(sim_config, build_requests(parse_workload(raw)), config.slo)
                 point = agreement(mode, rate, summary, result)
-                ratio = {pool: _served_over_model(trace_dir, pool, seen, model) for pool, model in steps.items()}
+                specs = {pool: sim_config.prefill if role in ("prefill", "colocated") else sim_config.decode
+                         for pool, role in ((p["name"], p["role"]) for p in pools)}
+                ratio = {pool: _served_over_model(trace_dir, pool, seen, spec) for pool, spec in specs.items()}
                 log(f"[fidelity] {point.row()}   served steps / step model: "
                     + ", ".join(f"{pool} {r:.2f}" for pool, r in ratio.items()))
                 points.append(point)
@@ -215,38 +226,39 @@ def _bench(url: str, raw: dict[str, Any], config: FidelityConfig, workload_path:
 
 def _calibrate_on_served_steps(config: FidelityConfig, mode: str, sim_config: SimConfig, pools: list[str], url: str,
                                calibration: Path, trace_dir: Path, out: Path, log: Callable[[str], None]
-                               ) -> dict[str, MeasuredSteps]:
+                               ) -> dict[str, Path]:
     """Serve a calibration load (its own requests, never a load point's) and refit each pool's step
-    model to the engine profile plus the steps that pool's workers served: what an isolated
-    profile misses (the worker loop and its neighbours between steps, the batch shapes real
-    traffic makes) is then in the model. Returns the refitted model of each pool."""
+    model to the engine profile plus the steps that pool's workers served alone, and its
+    interference to the steps they served beside a busy worker (:mod:`hetpd.plan.served_steps`).
+    Returns each pool's refitted calibration file."""
     assert config.calibration_load is not None
     rate = round(predicted_capacity(sim_config, config) * config.calibration_load, 3)
     raw = {**workload(config, rate), "seed": config.seed + 500}
     _bench(url, raw, config, out / f"workload-{mode}-calibration.yaml", out / f"bench-{mode}-calibration.json", log)
-    steps = {}
+    files = {}
     for pool in pools:
-        served = served_steps(trace_dir, f"{pool}-")  # worker ids are <pool>-<index>
-        fit = refit(calibration, served, out / f"calibration-{mode}-{pool}.yaml")
-        steps[pool] = fit.model
-        log(f"[fidelity] {mode}: {pool} step model refitted to {len(served)} served steps and the profile's: "
-            f"median error {100 * fit.median_error:.1f}%")
-    return steps
+        files[pool] = out / f"calibration-{mode}-{pool}.yaml"
+        refitted = refit(calibration, served_steps(trace_dir, f"{pool}-"), files[pool])  # worker ids: <pool>-<index>
+        log(f"[fidelity] {mode}: {pool}: {refitted.summary()}")
+    return files
 
 
 def _trace_lengths(trace_dir: Path) -> dict[str, int]:
-    return {f.name: len(f.read_text().splitlines()) for f in trace_dir.glob("*.jsonl")}
+    """Steps recorded so far, per worker."""
+    return {f.stem: len(f.read_text().splitlines()) for f in trace_dir.glob("*.jsonl")}
 
 
-def _served_over_model(trace_dir: Path, pool: str, seen: dict[str, int], model: MeasuredSteps) -> float:
-    """Total wall time of the steps ``pool``'s workers served since ``seen`` over what ``model``
-    predicts for those same steps."""
+def _served_over_model(trace_dir: Path, pool: str, seen: dict[str, int], pool_spec: PoolSpec) -> float:
+    """Total wall time of the steps ``pool``'s workers served after the first ``seen`` of each, over
+    what the simulator's model of the pool (steps and interference) predicts for the same steps."""
+    assert pool_spec.steps is not None
     wall = predicted = 0.0
-    for file in trace_dir.glob(f"{pool}-*.jsonl"):
-        for line in file.read_text().splitlines()[seen.get(file.name, 0):]:
-            row = json.loads(line)
-            wall += row["wall"]
-            predicted += model.seconds(StepWork(*row["work"]))
+    counts: dict[str, int] = {}
+    for step in served_steps(trace_dir, f"{pool}-"):
+        counts[step.worker] = counts.get(step.worker, 0) + 1
+        if counts[step.worker] > seen.get(step.worker, 0):
+            wall += step.seconds
+            predicted += pool_spec.steps.seconds(step.work) * (1 + pool_spec.interference * step.beside_busy)
     return wall / predicted if predicted > 0 else float("nan")
 
 

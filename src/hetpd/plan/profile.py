@@ -13,7 +13,6 @@ catalog file (an accelerator entry for this machine) plus both, which a scenario
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import statistics
 import subprocess
@@ -28,7 +27,7 @@ from typing import Any
 import yaml
 
 from hetpd.core.step_work import StepWork
-from hetpd.plan.step_model import MeasuredSteps, StepFit, fit_steps
+from hetpd.plan.step_model import MeasuredSteps, fit_steps
 
 
 @dataclass(frozen=True)
@@ -238,43 +237,6 @@ def load_steps(path: str) -> MeasuredSteps:
     return MeasuredSteps.from_dict((raw.get("step_model") or {}).get("terms"), f"{path}: step_model.terms")
 
 
-def profiled_steps(path: Path) -> list[tuple[StepWork, float]]:
-    """The engine steps a calibration file recorded (``measurements.steps``)."""
-    raw = yaml.safe_load(path.read_text()) or {}
-    rows = (raw.get("measurements") or {}).get("steps")
-    if not isinstance(rows, list) or not rows:
-        raise ValueError(f"{path}: measurements.steps is missing; write the file with `hetpd profile`")
-    return [(StepWork(*row["work"]), float(row["seconds"])) for row in rows]
-
-
-def served_steps(trace_dir: Path, workers: str = "") -> list[tuple[StepWork, float]]:
-    """The engine steps served workers recorded under ``hetpd serve --step-trace trace_dir``: every
-    ``<worker id>.jsonl`` there whose id starts with ``workers`` (a pool's name picks its workers)."""
-    files = sorted(trace_dir.glob(f"{workers}*.jsonl"))
-    if not files:
-        raise ValueError(f"{trace_dir}: no step traces{f' of workers {workers}*' if workers else ''}; "
-                         "serve with `hetpd serve --step-trace DIR` and send it traffic first")
-    samples = []
-    for file in files:
-        for line in file.read_text().splitlines():
-            row = json.loads(line)
-            samples.append((StepWork(*row["work"]), float(row["wall"])))
-    return samples
-
-
-def refit(calibration: Path, served: list[tuple[StepWork, float]], out: Path) -> StepFit:
-    """Fit the step model again to the calibration's own engine steps plus ``served`` ones, and
-    write the calibration with it to ``out``. Served steps carry what an isolated profile cannot:
-    the worker's loop, streaming and its neighbours between steps, and the batch shapes the
-    deployment's own traffic produces (several prompt chunks beside decodes, say)."""
-    fit = fit_steps(profiled_steps(calibration) + served)
-    raw = yaml.safe_load(calibration.read_text())
-    raw["step_model"].update({"median_error": fit.median_error, "served_steps": len(served),
-                              "terms": fit.model.as_dict()})
-    out.write_text("# hetpd profile, with the step model refitted to served steps\n" + yaml.safe_dump(raw, sort_keys=False))
-    return fit
-
-
 def write(calibration: Calibration, path: Path) -> None:
     body = {"accelerators": [calibration.accelerator], "links": list(calibration.links),
             "efficiency": {"compute": calibration.compute, "memory": calibration.memory},
@@ -307,11 +269,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--calibration", type=Path, default=None,
                    help="with --served-steps: refit this calibration file instead of profiling again")
     args = p.parse_args(argv)
+    from hetpd.plan.served_steps import refit, served_steps
+
     if args.calibration is not None:
         if args.served_steps is None:
             p.error("--calibration refits a calibration file: give --served-steps DIR too")
-        fit = refit(args.calibration, served_steps(args.served_steps, args.workers), args.out)
-        print(f"step model refitted: within {100 * fit.median_error:.0f}% (median); wrote {args.out}")
+        refitted = refit(args.calibration, served_steps(args.served_steps, args.workers), args.out)
+        print(f"{refitted.summary()}; wrote {args.out}")
         return 0
     calibration = profile(args.model, args.dtype, args.quick, args.threads, not args.no_transports, args.neighbours)
     write(calibration, args.out)

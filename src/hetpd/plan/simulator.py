@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from functools import partial
 
 from hetpd.bench.metrics import SLO, Distribution
 from hetpd.bench.workload import RequestSpec
@@ -30,6 +32,7 @@ from hetpd.ownership import (
     Ended,
     FreeBlocks,
     LeaseConfig,
+    Message,
     ProducerLeases,
     ReserveRequest,
     Send,
@@ -56,6 +59,10 @@ class PoolSpec:
     max_num_seqs: int = 256
     max_batch_tokens: int = 8192
     steps: MeasuredSteps | None = None  # measured step times (``hetpd profile``); None: the roofline
+    # A step runs (1 + interference) times as long when another instance of the deployment is
+    # mid-step as it starts: instances sharing one host's memory bandwidth and caches (fitted by
+    # `hetpd profile --served-steps`, hetpd.plan.served_steps). 0: instances never slow each other.
+    interference: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,11 @@ class SimConfig:
     efficiency: Efficiency = Efficiency()
     colocated: bool = False  # the prefill pool serves whole requests; decode pool and link unused
     handoff_overhead_s: float = 0.0  # fixed cost of one handoff beyond the link (control round trips, staging)
+    # Lease messages and transfer completions reach a worker between its engine steps, as in
+    # `hetpd serve` (one loop per worker: step, then its inbox): a grant that reaches a prefill
+    # worker in the middle of a 500 ms prompt waits for it. False: at once (the fast simulator's
+    # model, which refuses True).
+    control_at_step_boundaries: bool = False
 
 
 @dataclass
@@ -134,6 +146,7 @@ class _Instance:
         self.coster: StepCoster = pool.steps or RooflineSteps(config.model, pool.accelerator, pool.compute_fmt,
                                                               pool.weight_fmt, pool.kv_fmt, config.efficiency)
         self.current: SchedulerOutput | None = None
+        self.inbox: list[Callable[[float], None]] = []  # control work waiting for the current step to end
         self.busy_time = 0.0
         self.reserving: set[str] = set()  # handoffs admitted here whose KV has not landed: slots taken
 
@@ -192,8 +205,9 @@ class _Simulation:
                 self.producer_of[key] = chosen
                 self.kick(chosen, now)
             elif kind == "transfer_done":
-                self.apply(Side.PRODUCER, self.producers.transfer_settled(key, TransferOutcome.COMPLETED, now), now)
-                self.apply(Side.CONSUMER, self.consumers.transfer_settled(key, TransferOutcome.COMPLETED, now), now)
+                request_id = key.split("@")[0]
+                self.between_steps(self.producer_of.get(request_id), now, partial(self.settled, Side.PRODUCER, key))
+                self.between_steps(self.target.get(request_id), now, partial(self.settled, Side.CONSUMER, key))
             elif kind == "step":
                 self.start_step(self.by_name[key], now)
             elif kind == "step_done":
@@ -212,6 +226,14 @@ class _Simulation:
         if self.ticking:
             self.push(now + self.producers.config.heartbeat_interval, "tick", "")
 
+    def between_steps(self, worker: _Instance | None, now: float, action: Callable[[float], None]) -> None:
+        """Run ``action`` when ``worker`` is between engine steps: now if it is idle (or unknown, or
+        the config delivers control at once), else when its current step ends."""
+        if worker is None or worker.current is None or not self.cfg.control_at_step_boundaries:
+            action(now)
+        else:
+            worker.inbox.append(action)
+
     def kick(self, instance: _Instance, now: float) -> None:
         if instance.current is None and instance.scheduler.has_work:
             self.push(now, "step", instance.name)
@@ -224,6 +246,8 @@ class _Simulation:
             return
         self.preemptions += len(output.preempted)
         seconds = inst.coster.seconds(step_work(output))
+        if inst.pool.interference and any(other.current is not None for other in self.by_name.values()):
+            seconds *= 1.0 + inst.pool.interference  # (inst itself is idle: it is starting a step)
         inst.current = output
         inst.busy_time += seconds
         self.push(now + seconds, "step_done", inst.name)
@@ -250,6 +274,9 @@ class _Simulation:
                 times.finished = now
                 while self.refused:  # room freed: the refused ones get another go
                     self.push(now, "arrive", self.refused.pop(0))
+        inbox, inst.inbox = inst.inbox, []
+        for action in inbox:  # the worker's loop: after the step, its control messages, then the next step
+            action(now)
         self.kick(inst, now)
 
     # ------------------------------------------------------------------ handoffs (the real leases)
@@ -264,14 +291,19 @@ class _Simulation:
             self.push(now + self.producers.config.heartbeat_interval, "tick", "")
 
     def apply(self, side: Side, step: Step | Tick, now: float) -> None:
-        """Carry out lease effects. Control messages arrive at once: the link carries only bytes."""
+        """Carry out lease effects. Control messages take no time on the wire (the link carries only
+        bytes); the receiving worker reads them between its steps (:meth:`between_steps`)."""
         self.ledger.apply(side, step.effects)
         for effect in step.effects:
             if isinstance(effect, Send):
+                message = effect.message
                 if side is Side.PRODUCER:
-                    self.apply(Side.CONSUMER, self.consumers.receive(effect.message, now), now)
+                    # Before admission the consumer is not chosen yet; with one decode worker it is that one.
+                    to = self.target.get(message.lease_id) or (self.decode[0] if len(self.decode) == 1 else None)
+                    self.between_steps(to, now, partial(self.deliver, Side.CONSUMER, message))
                 else:
-                    self.apply(Side.PRODUCER, self.producers.receive(effect.message, now), now)
+                    self.between_steps(self.producer_of.get(message.lease_id), now,
+                                       partial(self.deliver, Side.PRODUCER, message))
             elif isinstance(effect, Admit):
                 self.admit(effect.offer, now)
             elif isinstance(effect, StartTransfer) and effect.direction == "send":
@@ -290,6 +322,14 @@ class _Simulation:
             elif isinstance(effect, Ended) and side is Side.PRODUCER and effect.failure is not None:
                 self.retries += 1
                 self.refused.append(effect.request_id)
+
+    def deliver(self, to: Side, message: Message, now: float) -> None:
+        table = self.consumers if to is Side.CONSUMER else self.producers
+        self.apply(to, table.receive(message, now), now)
+
+    def settled(self, side: Side, transfer_id: str, now: float) -> None:
+        table = self.consumers if side is Side.CONSUMER else self.producers
+        self.apply(side, table.transfer_settled(transfer_id, TransferOutcome.COMPLETED, now), now)
 
     def admit(self, offer: ReserveRequest, now: float) -> None:
         spec = self.specs[offer.request_id]

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from hetpd.core.step_work import STEP_TRACE_ENV
 from hetpd.engine.config import EngineConfig
 from hetpd.engine.engine import Engine
 from hetpd.handoff import ConsumerEndpoint, ProducerEndpoint
@@ -38,7 +39,6 @@ from hetpd.transfer.net import Conn, PeerGone, connect
 
 STATS_EVERY_S = 0.25
 FAULTS_ENV = "HETPD_FAULTS"
-STEP_TRACE_ENV = "HETPD_STEP_TRACE"  # a directory: each worker appends its steps to <worker id>.jsonl
 
 
 @dataclass(frozen=True)
