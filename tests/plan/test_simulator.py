@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hetpd.bench.metrics import SLO
-from hetpd.bench.workload import build_requests, parse_workload
+from hetpd.bench.workload import RequestSpec, build_requests, parse_workload
 from hetpd.plan.simulator import PoolSpec, SimConfig, _Simulation, simulate
 from hetpd.plan.spec import load_catalog
 
@@ -101,3 +101,68 @@ def test_a_small_kv_pool_preempts_and_still_finishes() -> None:
     assert sim.preemptions > 0 or sim.retries > 0
     for instance in sim.prefill + sim.decode:
         assert instance.allocator.num_available() == instance.allocator.num_blocks
+
+
+def local_pair(**changes: object) -> SimConfig:
+    """1P1D with measured steps: a prompt token costs 10 ms (10 tokens: 0.1 s, 100: 1 s), a decode
+    step 70 ms at any batch size, so the step boundaries are easy to reason about; prompts chunk
+    at 100 tokens."""
+    from dataclasses import replace
+
+    from hetpd.plan.step_model import MeasuredSteps
+
+    steps = MeasuredSteps(overhead=0.0, weights=0.07, prefill_token=0.01, decode_seq=1e-6, prefill_pair=0.0,
+                          decode_context=0.0)
+    prefill = PoolSpec(H100, 1, max_batch_tokens=100, steps=steps)
+    decode = PoolSpec(H100, 1, steps=steps)
+    return replace(SimConfig(LLAMA8, prefill, decode, CATALOG.link("nvlink4_hopper")), **changes)  # type: ignore[arg-type]
+
+
+PAIR_REQUESTS = [RequestSpec(0, 0.0, 10, 40),  # decodes from ~0.1 s on, one 70 ms step after another
+                 RequestSpec(1, 0.05, 100, 20),  # prefilled 0.1-1.1 s
+                 RequestSpec(2, 0.06, 10, 20)]  # prefilled 1.1-1.2 s
+
+
+def test_lease_messages_wait_for_the_receiving_worker_to_finish_its_step() -> None:
+    at_once = simulate(local_pair(), PAIR_REQUESTS).requests
+    between = simulate(local_pair(control_at_step_boundaries=True), PAIR_REQUESTS).requests
+    # At once: each handoff starts when its prompt's step ends.
+    for times in at_once:
+        assert times.handoff_start == pytest.approx(times.first_token)
+    # Between steps: request 1's offer waits for the decode worker's step to end, and the grant then
+    # waits for the prefill worker's step on request 2: the KV leaves when request 2's prompt is done.
+    r0, r1, r2 = between
+    assert r0.handoff_start == pytest.approx(r0.first_token)  # both workers were idle
+    assert r1.first_token == pytest.approx(1.1) and r2.first_token == pytest.approx(1.2)
+    assert r1.handoff_start == pytest.approx(r2.first_token)
+    # Request 2's offer reaches a decode worker mid-step: at most one 70 ms step later it is granted.
+    assert r2.first_token < r2.handoff_start <= r2.first_token + 0.07 + 1e-9
+    assert all(t.finished is not None for t in between)
+
+
+def test_instances_sharing_a_host_slow_each_other_only_while_both_are_busy() -> None:
+    from dataclasses import replace
+
+    alone = [RequestSpec(0, 0.0, 10, 40)]
+    plain, slowed = (simulate(local_pair(decode=replace(local_pair().decode, interference=f)), alone)
+                     for f in (0.0, 0.5))
+    assert slowed.tpot.p50 == pytest.approx(plain.tpot.p50)  # the prefill worker idles while it decodes
+
+    plain, slowed = (simulate(local_pair(decode=replace(local_pair().decode, interference=f)), PAIR_REQUESTS)
+                     for f in (0.0, 0.5))
+    # Request 0 decodes 0.1-2.9 s; the prefill worker is busy until 1.2 s: the steps that start then
+    # run 1.5x as long (105 ms), the rest 70 ms.
+    assert plain.requests[0].tpot == pytest.approx(0.07, rel=0.05)
+    assert 0.07 * 1.05 < slowed.requests[0].tpot < 0.07 * 1.5
+    assert slowed.requests[0].ttft == plain.requests[0].ttft  # the prefill pool's own steps are not slowed
+
+
+def test_the_fast_simulator_refuses_what_it_does_not_model() -> None:
+    from dataclasses import replace
+
+    from hetpd.plan.fastsim import simulate_fast
+
+    for config in (local_pair(control_at_step_boundaries=True),
+                   local_pair(prefill=replace(local_pair().prefill, interference=0.1))):
+        with pytest.raises(ValueError, match="--exact-simulator"):
+            simulate_fast(config, PAIR_REQUESTS)
