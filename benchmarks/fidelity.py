@@ -10,7 +10,7 @@ replays the same requests. Each point also reports the served steps' time over w
 model predicted for them: how far the machine drifted from its calibration. Targets (issue 6): median
 TTFT and median TPOT within 15%, goodput within 10%.
 
-    .venv/bin/python benchmarks/fidelity.py [--num-requests 30] [--modes colocated,1P1D]
+    .venv/bin/python benchmarks/fidelity.py [--num-requests 60] [--modes colocated,1P1D]
 
 Writes benchmarks/results/fidelity/{fidelity.json,fidelity.md,fidelity.png} (and the raw bench,
 profile and serve files beside them). Don't run it beside other heavy jobs: the deployment and
@@ -57,7 +57,7 @@ def draw(results: list[ModeResult], path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--num-requests", type=int, default=30)
+    p.add_argument("--num-requests", type=int, default=60)
     p.add_argument("--modes", default="colocated,1P1D")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()

@@ -50,6 +50,11 @@ CASES: dict[str, tuple[SimConfig, list[RequestSpec]]] = {
                               workload(12.0, 120)),
     "measured steps": (replace(config(), prefill=PoolSpec(H100, 1, steps=MEASURED),
                                decode=PoolSpec(H100, 2, kv_pool_tokens=100_000, steps=MEASURED)), workload(8.0, 300)),
+    "measured steps, slow batch sizes": (
+        replace(config(), prefill=PoolSpec(H100, 1, steps=MEASURED),
+                decode=PoolSpec(H100, 2, kv_pool_tokens=100_000,
+                                steps=replace(MEASURED, decode_batch_factor=(1.0, 1.3, 0.9, 1.0, 1.2, 1.0, 1.0, 1.4)))),
+        workload(8.0, 300)),
     "burst at t=0": (config(prefill=2, decode=2, decode_tokens=30_000),
                      [replace(r, at=None) for r in workload(1.0, 80, seed=3)]),
 }

@@ -138,6 +138,11 @@ def test_lease_messages_wait_for_the_receiving_worker_to_finish_its_step() -> No
     # Request 2's offer reaches a decode worker mid-step: at most one 70 ms step later it is granted.
     assert r2.first_token < r2.handoff_start <= r2.first_token + 0.07 + 1e-9
     assert all(t.finished is not None for t in between)
+    # With any latency on the control path (the router's hop), request 0's grant comes back after
+    # the prefill worker started request 1's 1 s prompt: the KV waits for that step to end.
+    late = simulate(local_pair(control_at_step_boundaries=True, control_latency_s=0.002), PAIR_REQUESTS).requests
+    assert late[0].handoff_start == pytest.approx(late[1].first_token) == pytest.approx(1.1)
+    assert late[0].tpot > between[0].tpot
 
 
 def test_instances_sharing_a_host_slow_each_other_only_while_both_are_busy() -> None:
@@ -162,7 +167,7 @@ def test_the_fast_simulator_refuses_what_it_does_not_model() -> None:
 
     from hetpd.plan.fastsim import simulate_fast
 
-    for config in (local_pair(control_at_step_boundaries=True),
+    for config in (local_pair(control_at_step_boundaries=True), local_pair(control_latency_s=0.001),
                    local_pair(prefill=replace(local_pair().prefill, interference=0.1))):
         with pytest.raises(ValueError, match="--exact-simulator"):
             simulate_fast(config, PAIR_REQUESTS)

@@ -116,8 +116,11 @@ def step_floors(config: SimConfig, pool: PoolSpec, prompts: bool = False) -> tup
         m = pool.steps
         if not isinstance(m, MeasuredSteps):
             return None
-        return (StepFloor(m.overhead + m.weights, 0.0, m.prefill_pair, 0.0, m.decode_context),
-                StepFloor(m.overhead, m.prefill_token, m.prefill_pair, m.decode_seq, m.decode_context))
+        # A decode batch factor below 1 makes such steps cheaper than the line: scale the floors.
+        k = min(1.0, *m.decode_batch_factor) if m.decode_batch_factor else 1.0
+        return (StepFloor(k * (m.overhead + m.weights), 0.0, k * m.prefill_pair, 0.0, k * m.decode_context),
+                StepFloor(k * m.overhead, k * m.prefill_token, k * m.prefill_pair, k * m.decode_seq,
+                          k * m.decode_context))
     roofline = RooflineSteps(config.model, pool.accelerator, pool.compute_fmt, pool.weight_fmt, pool.kv_fmt,
                              config.efficiency)
     units = [StepWork(1, 0, 0, 0), StepWork(0, 1, 0, 0), StepWork(0, 0, 1, 0), StepWork(0, 0, 0, 1)]

@@ -712,6 +712,7 @@ def simulate_fast(config: SimConfig, requests: Seq[RequestSpec], slo: SLO = SLO(
     """:func:`~hetpd.plan.simulator.simulate`'s result for the same deployment and requests, from
     the fast simulation (module docstring: what it does and what it approximates)."""
     exact_only = [name for name, on in (("control_at_step_boundaries", config.control_at_step_boundaries),
+                                        ("control_latency_s", config.control_latency_s > 0),
                                         ("prefill.interference", config.prefill.interference > 0),
                                         ("decode.interference", config.decode.interference > 0)) if on]
     if exact_only:

@@ -42,12 +42,13 @@ def _pool(pool: PoolConfig, accelerator: Accelerator, steps: MeasuredSteps, inte
 
 
 def sim_config_for(deploy: DeploymentConfig, model: ModelShape, accelerator: Accelerator,
-                   steps: dict[str, MeasuredSteps], link: Link, interference: dict[str, float] | None = None
-                   ) -> SimConfig:
+                   steps: dict[str, MeasuredSteps], link: Link, interference: dict[str, float] | None = None,
+                   control_latency_s: float = 0.0) -> SimConfig:
     """The simulator's view of ``deploy``, every worker on this host. ``steps`` maps each pool's
     name to the step model measured at that pool's thread count; ``interference`` (default 0) to
     how much longer its steps run beside a busy worker; ``link`` carries the KV between prefill
-    and decode."""
+    and decode; ``control_latency_s``: a lease message's way from worker to worker through the
+    router."""
     slowdown = interference or {}
     missing = [p.name for p in deploy.pools if p.name not in steps]
     if missing:
@@ -71,7 +72,8 @@ def sim_config_for(deploy: DeploymentConfig, model: ModelShape, accelerator: Acc
     # side that shrinks the wire).
     wire = min(prefill.kv_fmt, decode.kv_fmt, key=FORMAT_BYTES.__getitem__)
     # A hetpd worker reads lease messages between its engine steps (serve.worker's loop).
-    return SimConfig(model, prefill, decode, link, wire_fmt=wire, page_tokens=page, control_at_step_boundaries=True)
+    return SimConfig(model, prefill, decode, link, wire_fmt=wire, page_tokens=page, control_at_step_boundaries=True,
+                     control_latency_s=control_latency_s)
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,22 @@
 """Run the simulator's fidelity check on this machine: profile, serve, bench, simulate, compare.
 
 For each deployment (colocated, and one prefill + one decode worker) it
-1. runs ``hetpd profile --threads T --neighbours N`` with the thread count ``hetpd serve`` will give
-   each worker and the number of other workers beside it,
-2. starts ``hetpd serve`` on that deployment (real router and worker processes),
-3. measures what serving adds to the engine's steps with a few requests sent one at a time
-   (:class:`ServingOverhead`: HTTP, router, worker loop, handoff control; none of it is in an
-   engine profile) and adds it to the step models,
-4. runs ``hetpd bench`` at each request rate (Poisson arrivals, the workload below),
-5. simulates the very same requests on the deployment as :func:`~hetpd.plan.fidelity.sim_config_for`
-   sees it, with the profiled step model and the profiled local transport as the link,
-and returns one :class:`~hetpd.plan.fidelity.Agreement` per load point. Without given rates it
-picks light, medium and near-saturation loads as fractions of the capacity the simulator
-predicts, so the operating points come from the model, not from the measurement.
+1. runs ``hetpd profile --threads T`` alone, with the thread count ``hetpd serve`` will give each
+   worker (without a calibration load: beside as many busy engines as the deployment has other
+   workers, ``--neighbours N``),
+2. starts ``hetpd serve --step-trace`` on that deployment (real router and worker processes),
+3. serves a calibration load of its own requests and refits each pool's step model to the steps
+   its workers served, and its interference to the steps they took beside a busy worker
+   (:mod:`hetpd.plan.served_steps`),
+4. measures what serving adds before the first token with a few requests sent one at a time
+   (:class:`ServingOverhead`: HTTP, tokenizer, the router's dispatch; no step trace sees it),
+5. runs ``hetpd bench`` at each request rate (Poisson arrivals, the workload below),
+6. simulates the very same requests on the deployment as :func:`~hetpd.plan.fidelity.sim_config_for`
+   sees it, with the refitted step models and the profiled local transport as the link,
+and returns one :class:`~hetpd.plan.fidelity.Agreement` per load point, with how the load point's
+served steps compared with the models. It picks light, medium and near-saturation loads as
+fractions of the capacity the simulator predicts, so the operating points come from the model,
+not from the measurement.
 """
 
 from __future__ import annotations
@@ -165,6 +169,8 @@ def run_fidelity(config: FidelityConfig, out: Path, log: Callable[[str], None] =
         steps = {p["name"]: load_steps(str(calibration)) for p in pools}
         interference: dict[str, float] = {}
         link = catalog.link("local_shm")
+        # Lease messages go worker -> router -> worker: two hops of the profiled local TCP latency.
+        control = 2 * catalog.link("local_tcp").latency_us * 1e-6
         deploy_path = out / f"{mode}.deploy.yaml"
         deploy_path.write_text(yaml.safe_dump(deploy.model_dump(mode="json", exclude_defaults=True)))
         trace_dir = out / f"steps-{mode}"
@@ -173,12 +179,13 @@ def run_fidelity(config: FidelityConfig, out: Path, log: Callable[[str], None] =
         points, simulated, measured, ratios = [], [], [], []
         with local_server(deploy_path, out / f"serve-{mode}.log", env={STEP_TRACE_ENV: str(trace_dir)}) as server:
             if config.calibration_load is not None:
-                profiled = sim_config_for(deploy, shape, catalog.accelerator("local"), steps, link)
+                profiled = sim_config_for(deploy, shape, catalog.accelerator("local"), steps, link,
+                                          control_latency_s=control)
                 files = _calibrate_on_served_steps(config, mode, profiled, list(steps), server.url, calibration,
                                                    trace_dir, out, log)
                 steps = {pool: load_steps(str(path)) for pool, path in files.items()}
                 interference = {pool: load_interference(path) for pool, path in files.items()}
-            sim_config = sim_config_for(deploy, shape, catalog.accelerator("local"), steps, link, interference)
+            sim_config = sim_config_for(deploy, shape, catalog.accelerator("local"), steps, link, interference, control)
             probe = serving_overhead(sim_config, server.url, config, out / f"probe-{mode}.json")
             log(f"[fidelity] {mode}: serving overhead beyond the engine's steps, from {PROBE_REQUESTS} requests "
                 f"one at a time: {1000 * probe.per_first_token:.1f} ms to the first token, "

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from hetpd.core.step_work import StepWork
-from hetpd.plan.step_model import MeasuredSteps, fit_steps
+from hetpd.plan.step_model import MeasuredSteps, fit_steps_by_batch
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,9 @@ def _profile(model_dir: Path | None, dtype: str, quick: bool, threads: int | Non
     contexts = [64] if quick else [64, 320]
     mixed_chunk = 64 if quick else 128
     for context in contexts:
-        for batch in ([1, 4] if quick else [1, 2, 4, 8, 16]):
+        # Every batch size at the longer context: a matmul library's kernel choice makes some
+        # sizes slower than larger ones (the model's decode_batch_factor).
+        for batch in ([1, 2, 4] if quick else range(1, 17) if context == contexts[-1] else [1, 2, 4, 8, 16]):
             # One shared prompt: the first request computes it, the rest reuse it from the prefix cache.
             prompt = fresh_prompt(context)
             ids = [f"d{next(counter)}" for _ in range(batch)]
@@ -214,7 +216,7 @@ def _profile(model_dir: Path | None, dtype: str, quick: bool, threads: int | Non
         from hetpd.plan.transport_profile import measure_links
 
         links = tuple(m.as_catalog_entry() for m in measure_links(quick, log))
-    fit = fit_steps(samples)
+    fit = fit_steps_by_batch(samples)
     log(f"[profile] step model fitted to {len(samples)} steps: median error {100 * fit.median_error:.1f}%, "
         f"worst {100 * fit.worst_error:.1f}%")
     pages = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from hetpd.core.step_work import StepWork
-from hetpd.plan.step_model import StepFit, fit_steps
+from hetpd.plan.step_model import StepFit, fit_steps_by_batch
 
 MIN_BESIDE_STEPS = 10  # fewer steps taken beside a busy worker than this: no interference is fitted
 
@@ -98,7 +98,7 @@ def refit(calibration: Path, served: list[ServedStep], out: Path) -> Refit:
     the interference on the rest, and write the calibration with both to ``out``."""
     alone = [(s.work, s.seconds) for s in served if not s.beside_busy]
     beside = [s for s in served if s.beside_busy]
-    fit = fit_steps(profiled_steps(calibration) + alone)
+    fit = fit_steps_by_batch(profiled_steps(calibration) + alone)
     interference = 0.0
     if len(beside) >= MIN_BESIDE_STEPS:
         predicted = sum(fit.model.seconds(s.work) for s in beside)

@@ -82,6 +82,10 @@ class SimConfig:
     # worker in the middle of a 500 ms prompt waits for it. False: at once (the fast simulator's
     # model, which refuses True).
     control_at_step_boundaries: bool = False
+    # Seconds a lease message takes from one worker to the other (through the router): long
+    # enough that a worker which just finished a step has started its next one when a reply
+    # comes. 0: at once.
+    control_latency_s: float = 0.0
 
 
 @dataclass
@@ -187,6 +191,7 @@ class _Simulation:
         self.expired = 0
         self.preemptions = 0
         self.ticking = False
+        self.in_flight: dict[str, tuple[_Instance | None, Callable[[float], None]]] = {}  # lease messages on the way
         for r in requests:
             self.push(r.at or 0.0, "arrive", str(r.index))
 
@@ -214,7 +219,20 @@ class _Simulation:
                 self.finish_step(self.by_name[key], now)
             elif kind == "tick":
                 self.tick(now)
+            elif kind == "deliver":
+                worker, action = self.in_flight.pop(key)
+                self.between_steps(worker, now, action)
         return now
+
+    def send(self, worker: _Instance | None, now: float, action: Callable[[float], None]) -> None:
+        """A lease message to ``worker``: it arrives after the control latency, then waits for the
+        worker to be between steps."""
+        if self.cfg.control_latency_s > 0:
+            key = str(next(self.order))
+            self.in_flight[key] = (worker, action)
+            self.push(now + self.cfg.control_latency_s, "deliver", key)
+        else:
+            self.between_steps(worker, now, action)
 
     def tick(self, now: float) -> None:
         """What a worker's lease timer does: keepalives, expiry, forgetting old leases."""
@@ -294,20 +312,20 @@ class _Simulation:
         """Carry out lease effects. Control messages take no time on the wire (the link carries only
         bytes); the receiving worker reads them between its steps (:meth:`between_steps`)."""
         self.ledger.apply(side, step.effects)
+        starts: list[str] = []
         for effect in step.effects:
             if isinstance(effect, Send):
                 message = effect.message
                 if side is Side.PRODUCER:
                     # Before admission the consumer is not chosen yet; with one decode worker it is that one.
                     to = self.target.get(message.lease_id) or (self.decode[0] if len(self.decode) == 1 else None)
-                    self.between_steps(to, now, partial(self.deliver, Side.CONSUMER, message))
+                    self.send(to, now, partial(self.deliver, Side.CONSUMER, message))
                 else:
-                    self.between_steps(self.producer_of.get(message.lease_id), now,
-                                       partial(self.deliver, Side.PRODUCER, message))
+                    self.send(self.producer_of.get(message.lease_id), now, partial(self.deliver, Side.PRODUCER, message))
             elif isinstance(effect, Admit):
                 self.admit(effect.offer, now)
             elif isinstance(effect, StartTransfer) and effect.direction == "send":
-                self.transfer(effect.transfer_id, now)
+                starts.append(effect.transfer_id)  # after the notice of it is on its way (below)
             elif isinstance(effect, FreeBlocks):
                 owner = self.producer_of if side is Side.PRODUCER else self.target
                 instance = owner.get(effect.lease.lease_id)
@@ -322,6 +340,8 @@ class _Simulation:
             elif isinstance(effect, Ended) and side is Side.PRODUCER and effect.failure is not None:
                 self.retries += 1
                 self.refused.append(effect.request_id)
+        for transfer_id in starts:
+            self.transfer(transfer_id, now)
 
     def deliver(self, to: Side, message: Message, now: float) -> None:
         table = self.consumers if to is Side.CONSUMER else self.producers
@@ -350,7 +370,9 @@ class _Simulation:
         cfg = self.cfg
         cost = handoff_time(cfg.model, cfg.wire_fmt, self.specs[request_id].input_tokens, cfg.link, cfg.page_tokens,
                             conversion_gbps=cfg.conversion_gbps)
-        begin = max(now, self.link_free_at)  # one link, first come first served
+        # One link, first come first served; the receiver pulls once the notice of the transfer
+        # reached it (the control latency).
+        begin = max(now + cfg.control_latency_s, self.link_free_at)
         self.link_free_at = begin + cost.seconds
         self.link_busy += cost.seconds
         self.times[request_id].handoff_start = now

@@ -10,7 +10,9 @@ asks either one through :class:`StepCoster`. Pure Python (the fit uses numpy).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -55,7 +57,13 @@ class MeasuredSteps:
 
     ``weights`` is the floor a small batch pays for reading the weights; the token terms take
     over once the matmuls are compute-bound; attention adds per pair (prompts) and per context
-    token (decodes). All in seconds, all non-negative."""
+    token (decodes). All in seconds, all non-negative.
+
+    ``decode_batch_factor[b - 1]`` multiplies a decode-only step of ``b`` sequences (none: 1).
+    Matmul libraries pick kernels by row count, so a step's cost is not monotone in its batch:
+    measured here with oneDNN on one thread, a decode step of 2 sequences ran ~1.25x the line
+    through its neighbours, and one of 8 ~1.3x. For a fixed batch the step stays affine in its
+    context, which the fast simulator relies on."""
 
     overhead: float
     weights: float
@@ -63,26 +71,39 @@ class MeasuredSteps:
     decode_seq: float
     prefill_pair: float
     decode_context: float
+    decode_batch_factor: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
-        negative = [name for name, value in asdict(self).items() if not value >= 0]
+        terms = {name: value for name, value in asdict(self).items() if name != "decode_batch_factor"}
+        negative = [name for name, value in terms.items() if not value >= 0]
         if negative:
             raise ValueError(f"step model terms {negative} must be non-negative seconds")
+        if not all(f > 0 for f in self.decode_batch_factor):
+            raise ValueError(f"decode_batch_factor: every factor must be positive, got {self.decode_batch_factor}")
 
     def seconds(self, work: StepWork) -> float:
-        return (self.overhead + max(self.weights, self.prefill_token * work.prefill_tokens
+        line = (self.overhead + max(self.weights, self.prefill_token * work.prefill_tokens
                                     + self.decode_seq * work.decode_seqs)
                 + self.prefill_pair * work.prefill_pairs + self.decode_context * work.decode_context)
+        if not work.prefill_tokens and 0 < work.decode_seqs <= len(self.decode_batch_factor):
+            return line * self.decode_batch_factor[work.decode_seqs - 1]
+        return line
 
-    def as_dict(self) -> dict[str, float]:
-        return asdict(self)
+    def as_dict(self) -> dict[str, Any]:
+        raw: dict[str, Any] = asdict(self)
+        raw["decode_batch_factor"] = list(self.decode_batch_factor)
+        return raw
 
     @classmethod
     def from_dict(cls, raw: Any, where: str = "steps") -> MeasuredSteps:
-        names = set(cls.__dataclass_fields__)
-        if not isinstance(raw, dict) or set(raw) != names:
-            raise ValueError(f"{where}: needs exactly the terms {sorted(names)} (write it with `hetpd profile`)")
-        return cls(**{name: float(raw[name]) for name in names})
+        names = set(cls.__dataclass_fields__) - {"decode_batch_factor"}
+        if not isinstance(raw, dict) or not names <= set(raw) <= names | {"decode_batch_factor"}:
+            raise ValueError(f"{where}: needs exactly the terms {sorted(names)}, and optionally decode_batch_factor "
+                             "(write it with `hetpd profile`)")
+        factors = raw.get("decode_batch_factor") or []
+        if not isinstance(factors, list):
+            raise ValueError(f"{where}.decode_batch_factor: a list of factors, one per decode batch size from 1")
+        return cls(**{name: float(raw[name]) for name in names}, decode_batch_factor=tuple(float(f) for f in factors))
 
 
 @dataclass(frozen=True)
@@ -139,3 +160,45 @@ def fit_steps(samples: Sequence[tuple[StepWork, float]]) -> StepFit:
     _, best = min((c for c in candidates if c is not None), key=lambda c: c[0])
     errors = sorted(abs(best.seconds(w) - s) / s for w, s in samples)
     return StepFit(best, errors[len(errors) // 2], errors[-1])
+
+
+MIN_BATCH_SAMPLES = 3  # decode-only steps of one batch size needed to give it its own factor
+
+
+def batch_factors(model: MeasuredSteps, samples: Sequence[tuple[StepWork, float]]) -> tuple[float, ...]:
+    """Per decode batch size, the measured decode-only steps' total time over what ``model``'s line
+    predicts for them (1 where fewer than :data:`MIN_BATCH_SAMPLES` were measured)."""
+    line = dataclasses.replace(model, decode_batch_factor=())
+    sums: dict[int, list[float]] = {}
+    for work, seconds in samples:
+        if not work.prefill_tokens and work.decode_seqs:
+            total = sums.setdefault(work.decode_seqs, [0, 0.0, 0.0])
+            total[0] += 1
+            total[1] += seconds
+            total[2] += line.seconds(work)
+    measured = {b: t[1] / t[2] for b, t in sums.items() if t[0] >= MIN_BATCH_SAMPLES and t[2] > 0}
+    return tuple(measured.get(b, 1.0) for b in range(1, max(measured, default=0) + 1))
+
+
+def fit_steps_by_batch(samples: Sequence[tuple[StepWork, float]], rounds: int = 2) -> StepFit:
+    """:func:`fit_steps`, then a factor per decode batch size (:func:`batch_factors`); the line is
+    refitted with each decode-only sample divided by its batch's factor, so a slow kernel at one
+    batch size does not tilt the line for the others."""
+    fit = fit_steps(samples)
+    factors: tuple[float, ...] = ()
+    for _ in range(rounds):
+        # Relative to the typical batch size: the line and the factors trade a common scale for
+        # decode-only steps, and the median batch is the one to keep on the line.
+        factors = batch_factors(fit.model, samples)
+        typical = statistics.median(factors) if factors else 1.0
+        factors = tuple(f / typical for f in factors)
+
+        def unbiased(work: StepWork, seconds: float) -> float:
+            if not work.prefill_tokens and 0 < work.decode_seqs <= len(factors):
+                return seconds / factors[work.decode_seqs - 1]
+            return seconds
+
+        fit = fit_steps([(w, unbiased(w, s)) for w, s in samples])
+    model = dataclasses.replace(fit.model, decode_batch_factor=batch_factors(fit.model, samples))
+    errors = sorted(abs(model.seconds(w) - s) / s for w, s in samples)
+    return StepFit(model, errors[len(errors) // 2], errors[-1])
