@@ -24,29 +24,33 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from hetpd.plan.fidelity import HEADER
+from hetpd.plan.fidelity import HEADER, Agreement
 from hetpd.plan.fidelity_run import FidelityConfig, ModeResult, run_fidelity
 
 OUT = Path(__file__).parent / "results" / "fidelity"
 
 
-def draw(results: list[ModeResult], path: Path) -> None:
+def draw(results: list[ModeResult] | list[tuple[str, list[Agreement]]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [("TTFT p50 (ms)", "ttft_p50", 1000.0), ("TPOT p50 (ms)", "tpot_p50", 1000.0),
-               ("goodput (req/s)", "goodput", 1.0)]
-    fig, axes = plt.subplots(len(results), 3, figsize=(13, 3.6 * len(results)), squeeze=False)
-    for row, mode in zip(axes, results, strict=True):
-        rates = [p.rate for p in mode.points]
-        for ax, (title, name, scale) in zip(row, metrics, strict=True):
-            measured = [scale * getattr(p, f"measured_{name}") for p in mode.points]
-            simulated = [scale * getattr(p, f"simulated_{name}") for p in mode.points]
+    metrics = [("TTFT p50 (ms)", "ttft_p50", 1000.0, 0.15), ("TPOT p50 (ms)", "tpot_p50", 1000.0, 0.15),
+               ("goodput (req/s)", "goodput", 1.0, 0.10)]
+    modes = [(m.mode, list(m.points)) if isinstance(m, ModeResult) else m for m in results]
+    fig, axes = plt.subplots(len(modes), 3, figsize=(13, 3.6 * len(modes)), squeeze=False)
+    for row, (label, points) in zip(axes, modes, strict=True):
+        rates = [p.rate for p in points]
+        for ax, (title, name, scale, target) in zip(row, metrics, strict=True):
+            measured = [scale * getattr(p, f"measured_{name}") for p in points]
+            simulated = [scale * getattr(p, f"simulated_{name}") for p in points]
+            ax.fill_between(rates, [m * (1 - target) for m in measured], [m * (1 + target) for m in measured],
+                            alpha=0.15, label=f"target: measured ±{target:.0%}")
             ax.plot(rates, measured, "o-", label="measured (hetpd serve + bench)")
-            ax.plot(rates, simulated, "s--", label="simulated (profiled)")
-            ax.set_title(f"{mode.mode}: {title}")
+            ax.plot(rates, simulated, "s--", label="simulated (calibrated)")
+            ax.set_ylim(bottom=0)
+            ax.set_title(f"{label}: {title}")
             ax.set_xlabel("offered load (req/s)")
             ax.grid(alpha=0.3)
         row[0].legend(fontsize=8)
@@ -60,7 +64,14 @@ def main() -> None:
     p.add_argument("--num-requests", type=int, default=60)
     p.add_argument("--modes", default="colocated,1P1D")
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--redraw", action="store_true", help="only redraw fidelity.png from the out folder's fidelity.json")
     args = p.parse_args()
+    if args.redraw:
+        raw = json.loads((args.out / "fidelity.json").read_text())
+        fields = set(Agreement.__dataclass_fields__)
+        draw([(m["mode"], [Agreement(**{k: v for k, v in point.items() if k in fields}) for point in m["points"]])
+              for m in raw["modes"]], args.out / "fidelity.png")
+        return
     config = FidelityConfig(modes=tuple(args.modes.split(",")), num_requests=args.num_requests)
     results = run_fidelity(config, args.out)
     points = [point for mode in results for point in mode.points]
