@@ -7,7 +7,11 @@ time. Only the durations come from a model: a step takes what its pool's step co
 its batch (the catalog roofline, or step times ``hetpd profile`` measured), a transfer what the
 link and the wire format say. A colocated deployment (``SimConfig.colocated``) runs whole
 requests on the prefill pool's instances: chunked prefill mixed with decodes, no handoff.
-Lease time-outs are ticked as the runtime ticks them. Pure Python.
+Lease time-outs are ticked as the runtime ticks them. For a local deployment it can also model
+what ``hetpd serve`` does beyond the durations: workers that read lease messages only between
+their engine steps, after the router's hop (``control_at_step_boundaries``,
+``control_latency_s``), and workers on one host that slow each other (``PoolSpec.interference``).
+The fast simulator (:mod:`hetpd.plan.fastsim`) refuses those. Pure Python.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from hetpd.bench.workload import RequestSpec
 from hetpd.core.block_allocator import BlockAllocator
 from hetpd.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from hetpd.core.sequence import Sequence
+from hetpd.core.step_work import step_work
 from hetpd.ownership import (
     Admit,
     AdoptBlocks,
@@ -44,7 +49,6 @@ from hetpd.ownership import (
 )
 from hetpd.plan.cost import Efficiency, handoff_time, kv_bytes_per_token
 from hetpd.plan.spec import Accelerator, Link, ModelShape
-from hetpd.core.step_work import step_work
 from hetpd.plan.step_model import MeasuredSteps, RooflineSteps, StepCoster
 
 
@@ -309,7 +313,7 @@ class _Simulation:
             self.push(now + self.producers.config.heartbeat_interval, "tick", "")
 
     def apply(self, side: Side, step: Step | Tick, now: float) -> None:
-        """Carry out lease effects. Control messages take no time on the wire (the link carries only
+        """Carry out lease effects. Control messages take ``control_latency_s`` (the link carries only
         bytes); the receiving worker reads them between its steps (:meth:`between_steps`)."""
         self.ledger.apply(side, step.effects)
         starts: list[str] = []
