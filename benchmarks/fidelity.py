@@ -81,6 +81,16 @@ def main() -> None:
         for point, ratio in zip(points, ratios, strict=True)]
     held = sum(point.within() for point in points)
     lines.append(f"{held}/{len(points)} load points within the targets (TTFT, TPOT within 15%; goodput within 10%)")
+    drift = config.max_drift or float("inf")
+    still = sum(any(abs(r - 1) > drift for r in ratio.values()) for ratio in ratios)
+    if still:
+        lines.append(f"{still} of them still ran more than {drift:.0%} off the calibrated step model after "
+                     f"{config.drift_retries} retries")
+    discarded = [(m.mode, point, ratio) for m in results for point, ratio in m.discarded]
+    if discarded:
+        lines += ["", f"Attempts measured again because the machine drifted from its calibration ({len(discarded)}):"]
+        lines += [point.row() + "   " + ", ".join(f"{pool} {r:.2f}" for pool, r in ratio.items())
+                  for _, point, ratio in discarded]
     print("\n".join(lines))
     (args.out / "fidelity.md").write_text("```\n" + "\n".join(lines) + "\n```\n")
     (args.out / "fidelity.json").write_text(json.dumps(
@@ -89,7 +99,9 @@ def main() -> None:
                                                           "tpot_error": p.tpot_error,
                                                           "goodput_error": p.goodput_error,
                                                           "served_steps_over_model": r}
-                                                         for p, r in zip(m.points, m.step_ratios, strict=True)]}
+                                                         for p, r in zip(m.points, m.step_ratios, strict=True)],
+                                              "discarded_for_drift": [{**asdict(p), "served_steps_over_model": r}
+                                                                      for p, r in m.discarded]}
                                              for m in results]}, indent=1, default=str))
     draw(results, args.out / "fidelity.png")
     print(f"wrote {args.out / 'fidelity.md'}, fidelity.json and fidelity.png")

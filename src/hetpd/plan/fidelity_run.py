@@ -66,6 +66,11 @@ class FidelityConfig:
     # A load (fraction of the profiled capacity) served first, on its own requests, whose steps the
     # step model is refitted to (`hetpd profile --served-steps`); None: the engine profile alone.
     calibration_load: float | None = 0.6
+    # A load point whose served steps ran more than this fraction off the calibrated step model
+    # (the machine itself sped up or slowed down since the calibration) is measured again, with
+    # fresh requests, up to ``drift_retries`` times; the discarded attempts are kept. None: never.
+    max_drift: float | None = 0.10
+    drift_retries: int = 2
 
 
 PROBE_REQUESTS = 4
@@ -105,6 +110,8 @@ class ModeResult:
     # Per load point, per pool: the served steps' total wall time over what the step model the
     # simulator used predicts for the same steps (1.0: the steps cost what the simulator assumed).
     step_ratios: tuple[dict[str, float], ...] = ()
+    # Attempts measured again because the machine drifted from its calibration (see max_drift).
+    discarded: tuple[tuple[Agreement, dict[str, float]], ...] = ()
 
 
 def workload(config: FidelityConfig, rate: float, run: int = 0) -> dict[str, Any]:
@@ -199,24 +206,34 @@ def run_fidelity(config: FidelityConfig, out: Path, log: Callable[[str], None] =
             capacity = predicted_capacity(sim_config, config)
             rates = [round(capacity * f, 3) for f in config.loads]
             log(f"[fidelity] {mode}: predicted capacity {capacity:.2f} req/s; rates {rates}")
+            specs = {pool: sim_config.prefill if role in ("prefill", "colocated") else sim_config.decode
+                     for pool, role in ((p["name"], p["role"]) for p in pools)}
+            discarded = []
             for run, rate in enumerate(rates):
-                seen = _trace_lengths(trace_dir)
-                raw = workload(config, rate, run)
-                summary = _bench(server.url, raw, config, out / f"workload-{mode}-{rate}.yaml",
-                                 out / f"bench-{mode}-{rate}.json", log)
-                result = simulate(sim_config, build_requests(parse_workload(raw)), config.slo)
-                point = agreement(mode, rate, summary, result)
-                specs = {pool: sim_config.prefill if role in ("prefill", "colocated") else sim_config.decode
-                         for pool, role in ((p["name"], p["role"]) for p in pools)}
-                ratio = {pool: _served_over_model(trace_dir, pool, seen, spec) for pool, spec in specs.items()}
-                log(f"[fidelity] {point.row()}   served steps / step model: "
-                    + ", ".join(f"{pool} {r:.2f}" for pool, r in ratio.items()))
+                for attempt in range(config.drift_retries + 1 if config.max_drift is not None else 1):
+                    seen = _trace_lengths(trace_dir)
+                    raw = workload(config, rate, run + 10 * attempt)  # fresh prompts for every attempt
+                    name = f"{mode}-{rate}" + (f"-try{attempt}" if attempt else "")
+                    summary = _bench(server.url, raw, config, out / f"workload-{name}.yaml", out / f"bench-{name}.json",
+                                     log)
+                    result = simulate(sim_config, build_requests(parse_workload(raw)), config.slo)
+                    point = agreement(mode, rate, summary, result)
+                    ratio = {pool: _served_over_model(trace_dir, pool, seen, spec) for pool, spec in specs.items()}
+                    log(f"[fidelity] {point.row()}   served steps / step model: "
+                        + ", ".join(f"{pool} {r:.2f}" for pool, r in ratio.items()))
+                    drifted = config.max_drift is not None and any(abs(r - 1) > config.max_drift for r in ratio.values())
+                    if not drifted or attempt == config.drift_retries:
+                        break
+                    # Decided on the steps' speed alone, never on the latencies being compared.
+                    log(f"[fidelity] the machine ran more than {config.max_drift:.0%} off its calibration: "
+                        "measuring this load point again with fresh requests")
+                    discarded.append((point, ratio))
                 points.append(point)
                 simulated.append(result)
                 measured.append(summary)
                 ratios.append(ratio)
         results.append(ModeResult(mode, capacity, probe, tuple(points), tuple(simulated), tuple(measured),
-                                  tuple(ratios)))
+                                  tuple(ratios), tuple(discarded)))
     return results
 
 
