@@ -10,6 +10,7 @@ that moves by a request's worth, so the bounds here are wider; a simulator off b
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -31,4 +32,9 @@ def test_the_simulator_predicts_a_real_1p1d_deployment(tmp_path: Path) -> None:
     [ratios] = mode.step_ratios
     assert set(ratios) == {"prefill", "decode"}
     assert all(0.7 < r < 1.4 for r in ratios.values()), ratios
-    assert (tmp_path / "calibration-1P1D-decode.yaml").exists() and list((tmp_path / "steps-1P1D").glob("decode-*.jsonl"))
+    assert (tmp_path / "calibration-1P1D-decode.yaml").exists()
+    # Each traced step carries its work, its times, and the loop's own work around it.
+    [trace] = (tmp_path / "steps-1P1D").glob("decode-*.jsonl")
+    steps = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert steps and all(s["wall"] > 0 and s["cpu"] > 0 and s["before"] >= 0 and s["after"] >= 0 for s in steps)
+    assert sum(s["work"][2] for s in steps) > 0  # decode steps decoded

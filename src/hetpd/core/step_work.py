@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from hetpd.core.scheduler import SchedulerOutput
 
 # Set to a directory, it makes every served worker append its engine steps there, one JSON line
-# a step ({"at", "wall", "cpu", "work"}) in <worker id>.jsonl; `hetpd serve --step-trace` sets it.
+# a step in <worker id>.jsonl: {"at", "wall", "cpu", "work", and "before"/"after": the seconds the
+# worker's loop spent on control around the step}; `hetpd serve --step-trace` sets it.
 STEP_TRACE_ENV = "HETPD_STEP_TRACE"
 
 

@@ -127,6 +127,7 @@ class Worker:
         self._last_stats = 0.0
         self._tokens_streamed = 0
         self._step_trace: IO[str] | None = None
+        self._iteration_start = 0.0
         for endpoint in (self.producer, self.consumer):
             if endpoint is not None:
                 endpoint.on_step = self._trace
@@ -208,6 +209,7 @@ class Worker:
         trace_dir = os.environ.get(STEP_TRACE_ENV)
         self._step_trace = open(os.path.join(trace_dir, f"{self.worker_id}.jsonl"), "a", buffering=1) if trace_dir else None
         while not self.stopping.is_set():
+            self._iteration_start = time.monotonic()
             # Engine work: never wait. Only handoffs in flight: wake often enough to poll the transport
             # (2 ms) without spinning a core the engines next door need. Idle: 20 ms.
             wait = 0.0 if self.engine.has_unfinished() else 0.002 if self._live_leases() else 0.02
@@ -231,15 +233,15 @@ class Worker:
                        "message": f"worker {self.worker_id} could not handle {message.get('op')!r}: {exc}"})
 
     def step(self, now: float) -> None:
+        record: dict[str, Any] | None = None
         if self.engine.has_unfinished():
             cpu = time.thread_time()
             result = self.engine.step()
             if self._step_trace is not None and result.num_batched_tokens:
                 # Wall and this thread's CPU time of the engine step, with the work it did: the
                 # served steps the planner's step model can be checked (or fitted) against.
-                self._step_trace.write(json.dumps({
-                    "at": now, "wall": time.monotonic() - now, "cpu": time.thread_time() - cpu,
-                    "work": list(dataclasses.astuple(result.work))}) + "\n")
+                record = {"at": now, "wall": time.monotonic() - now, "cpu": time.thread_time() - cpu,
+                          "work": list(dataclasses.astuple(result.work))}
             for out in result.finished:
                 self._send_output(out.request_id, out)
             for out in result.handed_off:
@@ -269,6 +271,12 @@ class Worker:
             self._last_stats = now
             self._prune_routes()
             self.send(self.stats())
+        if record is not None and self._step_trace is not None:
+            # The loop's own work around the step, which no step model prices: control messages
+            # read before it ("before"), and outputs, offers, transfers and leases after it.
+            record["before"] = now - self._iteration_start
+            record["after"] = time.monotonic() - now - record["wall"]
+            self._step_trace.write(json.dumps(record) + "\n")
 
     def _stream(self, request_id: str) -> None:
         token_ids, logprobs = self.engine.progress(request_id)
