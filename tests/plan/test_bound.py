@@ -9,10 +9,10 @@ import pytest
 
 from hetpd.bench.metrics import SLO
 from hetpd.bench.workload import RequestSpec, build_requests, parse_workload
+from hetpd.core.step_work import StepWork
 from hetpd.plan.bound import GoodputBound, charged_goodput, horizon_for, step_floors
 from hetpd.plan.simulator import PoolSpec, RequestTimes, SimConfig, simulate
 from hetpd.plan.spec import ModelShape, load_catalog
-from hetpd.core.step_work import StepWork
 from hetpd.plan.step_model import MeasuredSteps, RooflineSteps
 
 CATALOG = load_catalog()

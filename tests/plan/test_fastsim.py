@@ -11,10 +11,17 @@ import pytest
 
 from hetpd.bench.metrics import SLO
 from hetpd.bench.workload import RequestSpec, build_requests, parse_workload
-from hetpd.plan.fastsim import _SEGMENT, DecodeCurve, _Engine, _Simulation, decode_curve, simulate_fast
+from hetpd.core.step_work import StepWork
+from hetpd.plan.fastsim import (
+    _SEGMENT,
+    DecodeCurve,
+    _Engine,
+    _Simulation,
+    decode_curve,
+    simulate_fast,
+)
 from hetpd.plan.simulator import PoolSpec, SimConfig, SimResult, simulate
 from hetpd.plan.spec import load_catalog
-from hetpd.core.step_work import StepWork
 from hetpd.plan.step_model import MeasuredSteps, RooflineSteps
 
 CATALOG = load_catalog()

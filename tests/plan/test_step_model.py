@@ -6,10 +6,16 @@ import random
 
 import pytest
 
-from hetpd.plan.cost import decode_step_time, prefill_time
 from hetpd.core.step_work import StepWork
+from hetpd.plan.cost import decode_step_time, prefill_time
 from hetpd.plan.spec import load_catalog
-from hetpd.plan.step_model import MeasuredSteps, RooflineSteps, batch_factors, fit_steps, fit_steps_by_batch
+from hetpd.plan.step_model import (
+    MeasuredSteps,
+    RooflineSteps,
+    batch_factors,
+    fit_steps,
+    fit_steps_by_batch,
+)
 
 CATALOG = load_catalog()
 H100 = CATALOG.accelerator("nvidia_h100_sxm")

@@ -62,9 +62,9 @@ import numpy.typing as npt
 
 from hetpd.bench.metrics import SLO
 from hetpd.bench.workload import RequestSpec
+from hetpd.core.step_work import StepWork
 from hetpd.plan.cost import handoff_time
 from hetpd.plan.simulator import PoolSpec, SimConfig, SimResult
-from hetpd.core.step_work import StepWork
 from hetpd.plan.step_model import MeasuredSteps, RooflineSteps
 
 Array = npt.NDArray[np.float64]

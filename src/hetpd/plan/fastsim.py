@@ -59,6 +59,7 @@ from dataclasses import dataclass
 
 from hetpd.bench.metrics import SLO
 from hetpd.bench.workload import RequestSpec
+from hetpd.core.step_work import StepWork
 from hetpd.plan.cost import handoff_time, kv_bytes_per_token
 from hetpd.plan.simulator import (
     PoolSpec,
@@ -68,7 +69,6 @@ from hetpd.plan.simulator import (
     check_pools,
     summarize,
 )
-from hetpd.core.step_work import StepWork
 from hetpd.plan.step_model import MeasuredSteps, RooflineSteps, StepCoster
 
 _PROBE = 1 << 20  # the context at which a coster is evaluated a second time to get its slope
