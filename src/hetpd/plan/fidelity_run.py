@@ -139,11 +139,7 @@ def serving_overhead(sim_config: SimConfig, url: str, config: FidelityConfig, ou
     lengths = {"kind": "fixed", "input": sum(config.input_range) // 2, "output": sum(config.output_range) // 2}
     raw = {"arrival": {"kind": "concurrency", "concurrency": 1}, "num_requests": PROBE_REQUESTS,
            "seed": config.seed + 1000, "lengths": lengths}
-    workload_path = out.with_suffix(".yaml")
-    workload_path.write_text(yaml.safe_dump(raw))
-    subprocess.run(_hetpd("bench", "--url", url, "--model", "smollm2", "--workload", str(workload_path),
-                          "--out", str(out)), check=True, stdout=subprocess.DEVNULL)
-    measured = _summary(load_bench(out)["runs"][-1]["summary"])
+    measured = _bench(url, raw, config, out.with_suffix(".yaml"), out)
     alone = simulate(sim_config, [dataclasses.replace(build_requests(parse_workload(raw))[0], at=0.0)])
     return ServingOverhead(max(0.0, measured.ttft.p50 - alone.ttft.p50), max(0.0, measured.tpot.p50 - alone.tpot.p50))
 
@@ -238,10 +234,12 @@ def run_fidelity(config: FidelityConfig, out: Path, log: Callable[[str], None] =
 
 
 def _bench(url: str, raw: dict[str, Any], config: FidelityConfig, workload_path: Path, out: Path,
-           log: Callable[[str], None]) -> Summary:
+           log: Callable[[str], None] = lambda message: None) -> Summary:
     """``hetpd bench`` of the workload ``raw`` against ``url``; its summary."""
     workload_path.write_text(yaml.safe_dump(raw))
-    log(f"[fidelity] hetpd bench at {raw['arrival']['rate']} req/s ({raw['num_requests']} requests)")
+    arrival = raw["arrival"]
+    pace = f"{arrival['rate']} req/s" if "rate" in arrival else f"{arrival['kind']} {arrival.get('concurrency', '')}"
+    log(f"[fidelity] hetpd bench at {pace} ({raw['num_requests']} requests)")
     subprocess.run(_hetpd("bench", "--url", url, "--model", "smollm2", "--workload", str(workload_path),
                           "--slo-ttft-ms", str(1000 * config.slo.ttft), "--slo-tpot-ms", str(1000 * config.slo.tpot),
                           "--out", str(out)), check=True, stdout=subprocess.DEVNULL)
