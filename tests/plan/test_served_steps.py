@@ -13,8 +13,15 @@ import yaml
 from hetpd.core.step_work import StepWork
 from hetpd.plan.profile import load_steps
 from hetpd.plan.profile import main as profile_main
-from hetpd.plan.served_steps import load_interference, refit, served_steps
-from hetpd.plan.step_model import MeasuredSteps
+from hetpd.plan.served_steps import (
+    ServedCosts,
+    ServedStep,
+    fit_loop,
+    load_served_costs,
+    refit,
+    served_steps,
+)
+from hetpd.plan.step_model import LoopCost, MeasuredSteps
 
 TRUTH = MeasuredSteps(0.02, 0.0, 0.002, 0.001, 1e-6, 1e-5)
 
@@ -30,9 +37,11 @@ def calibration_file(path: Path, truth: MeasuredSteps = TRUTH) -> Path:
     return path
 
 
-def trace(path: Path, steps: list[tuple[float, StepWork, float]]) -> None:
-    """A worker's step trace as `hetpd serve --step-trace` writes it: (start, work, seconds) per step."""
-    path.write_text("".join(json.dumps({"at": at, "wall": s, "cpu": s, "work": list(astuple(w))}) + "\n"
+def trace(path: Path, steps: list[tuple[float, StepWork, float]], loop: LoopCost = LoopCost()) -> None:
+    """A worker's step trace as `hetpd serve --step-trace` writes it: (start, work, seconds) per step,
+    the loop's time around each step as ``loop`` prices it, a third before and the rest after."""
+    path.write_text("".join(json.dumps({"at": at, "wall": s, "cpu": s, "work": list(astuple(w)),
+                                        "before": loop.seconds(w) / 3, "after": 2 * loop.seconds(w) / 3}) + "\n"
                             for at, w, s in steps))
 
 
@@ -84,10 +93,40 @@ def test_steps_beside_a_busy_worker_measure_the_interference(tmp_path: Path) -> 
 
     refitted = refit(calibration, steps, tmp_path / "decode.yaml")
     assert refitted.interference == pytest.approx(0.25, abs=0.03)
-    assert load_interference(tmp_path / "decode.yaml") == refitted.interference
-    assert load_interference(calibration) == 0.0  # never refitted: no interference
+    assert load_served_costs(tmp_path / "decode.yaml").interference == refitted.interference
+    assert load_served_costs(calibration) == ServedCosts()  # never refitted: nothing added
     # The alone steps cost what the profile said, so the model stays the profile's.
     assert refitted.fit.median_error < 0.01
+
+
+def test_the_loop_around_each_step_is_fitted_and_written_with_the_calibration(tmp_path: Path) -> None:
+    calibration = calibration_file(tmp_path / "calibration.yaml")
+    traces = tmp_path / "steps"
+    traces.mkdir()
+    truth = LoopCost(per_step=0.002, per_prompt_token=2e-5, per_decode_seq=3e-4)
+    prompts = [(100.0 + i, StepWork(n, StepWork.chunk_pairs(0, n)), TRUTH.seconds(StepWork(n, StepWork.chunk_pairs(0, n))))
+               for i, n in enumerate((40, 90, 150, 220, 256, 64, 128))]
+    trace(traces / "colocated-0.jsonl", decode_steps(0.0, 60) + prompts, truth)
+    steps = served_steps(traces)
+    assert sum(s.loop for s in steps) == pytest.approx(sum(truth.seconds(s.work) for s in steps))
+    refitted = refit(calibration, steps, tmp_path / "colocated.yaml")
+    assert refitted.loop.per_step == pytest.approx(truth.per_step, rel=1e-6)
+    assert refitted.loop.per_prompt_token == pytest.approx(truth.per_prompt_token, rel=1e-6)
+    assert refitted.loop.per_decode_seq == pytest.approx(truth.per_decode_seq, rel=1e-6)
+    assert load_served_costs(tmp_path / "colocated.yaml") == ServedCosts(0.0, refitted.loop)
+    assert "us per prompt token" in refitted.summary()
+
+
+def test_a_loop_term_the_data_cannot_support_is_dropped_not_negative() -> None:
+    # Loop time that falls with the batch: a negative per-sequence term would price big batches
+    # below nothing; the fit drops it and keeps the mean in the constant.
+    served = [ServedStep("d-0", StepWork(0, 0, b, 64 * b), 0.05, False, 0.004 - 0.0002 * b) for b in range(1, 11)]
+    loop = fit_loop(served)
+    assert loop.per_decode_seq == 0.0 and loop.per_prompt_token == 0.0
+    assert loop.per_step == pytest.approx(sum(s.loop for s in served) / len(served))
+    assert fit_loop([]) == LoopCost()
+    with pytest.raises(ValueError, match="non-negative"):
+        LoopCost(per_step=-1.0)
 
 
 def test_no_served_steps_is_an_error_naming_the_flag(tmp_path: Path) -> None:

@@ -162,12 +162,38 @@ def test_instances_sharing_a_host_slow_each_other_only_while_both_are_busy() -> 
     assert slowed.requests[0].ttft == plain.requests[0].ttft  # the prefill pool's own steps are not slowed
 
 
+def test_the_worker_loop_delays_the_next_step_not_this_steps_tokens() -> None:
+    from dataclasses import replace
+
+    from hetpd.plan.step_model import LoopCost
+
+    pair = local_pair()
+    plain = simulate(pair, PAIR_REQUESTS).requests
+    looped = simulate(replace(pair, prefill=replace(pair.prefill, loop=LoopCost(per_step=0.05)),
+                              decode=replace(pair.decode, loop=LoopCost(per_decode_seq=0.01))), PAIR_REQUESTS)
+    times = looped.requests
+    # Request 0's prompt step ends at 0.1 s and its token leaves then; the loop holds the prefill
+    # worker until 0.15 s, so request 1's 1 s prompt ends at 1.15 s and request 2's at 1.3 s.
+    assert (plain[0].first_token, times[0].first_token) == (pytest.approx(0.1), pytest.approx(0.1))
+    assert plain[1].first_token == pytest.approx(1.1) and times[1].first_token == pytest.approx(1.15)
+    assert plain[2].first_token == pytest.approx(1.2) and times[2].first_token == pytest.approx(1.3)
+    # A request decoding alone: 70 ms steps plus 10 ms of loop for its one sequence.
+    alone = [RequestSpec(0, 0.0, 10, 40)]
+    assert simulate(pair, alone).tpot.p50 == pytest.approx(0.07, rel=0.01)
+    assert simulate(replace(pair, decode=replace(pair.decode, loop=LoopCost(per_decode_seq=0.01))),
+                    alone).tpot.p50 == pytest.approx(0.08, rel=0.01)
+    # The loop is busy time: three prompt steps (1.2 s of engine time) and three loops of 50 ms.
+    assert looped.prefill_utilisation * looped.duration_s == pytest.approx(1.2 + 3 * 0.05)
+
+
 def test_the_fast_simulator_refuses_what_it_does_not_model() -> None:
     from dataclasses import replace
 
     from hetpd.plan.fastsim import simulate_fast
+    from hetpd.plan.step_model import LoopCost
 
     for config in (local_pair(control_at_step_boundaries=True), local_pair(control_latency_s=0.001),
-                   local_pair(prefill=replace(local_pair().prefill, interference=0.1))):
+                   local_pair(prefill=replace(local_pair().prefill, interference=0.1)),
+                   local_pair(decode=replace(local_pair().decode, loop=LoopCost(per_step=0.001)))):
         with pytest.raises(ValueError, match="--exact-simulator"):
             simulate_fast(config, PAIR_REQUESTS)

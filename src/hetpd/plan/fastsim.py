@@ -69,7 +69,7 @@ from hetpd.plan.simulator import (
     check_pools,
     summarize,
 )
-from hetpd.plan.step_model import MeasuredSteps, RooflineSteps, StepCoster
+from hetpd.plan.step_model import LoopCost, MeasuredSteps, RooflineSteps, StepCoster
 
 _PROBE = 1 << 20  # the context at which a coster is evaluated a second time to get its slope
 _NEVER = 1 << 62  # a step index no segment reaches
@@ -714,10 +714,12 @@ def simulate_fast(config: SimConfig, requests: Seq[RequestSpec], slo: SLO = SLO(
     exact_only = [name for name, on in (("control_at_step_boundaries", config.control_at_step_boundaries),
                                         ("control_latency_s", config.control_latency_s > 0),
                                         ("prefill.interference", config.prefill.interference > 0),
-                                        ("decode.interference", config.decode.interference > 0)) if on]
+                                        ("decode.interference", config.decode.interference > 0),
+                                        ("prefill.loop", config.prefill.loop != LoopCost()),
+                                        ("decode.loop", config.decode.loop != LoopCost())) if on]
     if exact_only:
         raise ValueError(f"{', '.join(exact_only)}: the fast simulator does not model this (lease messages arrive "
-                         "at once; instances never slow each other); simulate the config with "
+                         "at once; instances never slow each other; a worker loop costs nothing); simulate the config with "
                          "hetpd.plan.simulator.simulate (`hetpd plan --exact-simulator`)")
     sim = _Simulation(config, requests)
     end = sim.run(horizon_s)

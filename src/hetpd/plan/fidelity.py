@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from hetpd.bench.metrics import Summary
 from hetpd.kv.format import canonical_kv_dtype
 from hetpd.plan.emit import ENGINE_KV_DTYPE
+from hetpd.plan.served_steps import ServedCosts
 from hetpd.plan.simulator import PoolSpec, SimConfig, SimResult
 from hetpd.plan.spec import FORMAT_BYTES, Accelerator, Link, ModelShape
 from hetpd.plan.step_model import MeasuredSteps
@@ -30,7 +31,7 @@ def _format(dtype: str, where: str) -> str:
         raise ValueError(f"{where}: {dtype!r} has no cost-model format; known: {sorted(_FORMAT)}") from None
 
 
-def _pool(pool: PoolConfig, accelerator: Accelerator, steps: MeasuredSteps, interference: float) -> PoolSpec:
+def _pool(pool: PoolConfig, accelerator: Accelerator, steps: MeasuredSteps, served: ServedCosts) -> PoolSpec:
     if pool.num_kv_blocks is None:
         raise ValueError(f"pools.{pool.name}.num_kv_blocks: set it to simulate the pool (the capacity "
                          "derived from kv_cache_memory_gb depends on the model's KV width at start-up)")
@@ -38,18 +39,19 @@ def _pool(pool: PoolConfig, accelerator: Accelerator, steps: MeasuredSteps, inte
     return PoolSpec(accelerator, pool.count, _format(pool.dtype, f"pools.{pool.name}.dtype"), weights,
                     _format(pool.kv_cache_dtype, f"pools.{pool.name}.kv_cache_dtype"),
                     pool.num_kv_blocks * pool.block_size, pool.max_num_seqs, pool.max_num_batched_tokens, steps,
-                    interference)
+                    served.interference, served.loop)
 
 
 def sim_config_for(deploy: DeploymentConfig, model: ModelShape, accelerator: Accelerator,
-                   steps: dict[str, MeasuredSteps], link: Link, interference: dict[str, float] | None = None,
+                   steps: dict[str, MeasuredSteps], link: Link, served: dict[str, ServedCosts] | None = None,
                    control_latency_s: float = 0.0) -> SimConfig:
     """The simulator's view of ``deploy``, every worker on this host. ``steps`` maps each pool's
-    name to the step model measured at that pool's thread count; ``interference`` (default 0) to
-    how much longer its steps run beside a busy worker; ``link`` carries the KV between prefill
+    name to the step model measured at that pool's thread count; ``served`` (default none) to what
+    serving adds to its steps (interference beside a busy worker, the worker loop's own time),
+    fitted by :func:`hetpd.plan.served_steps.refit`; ``link`` carries the KV between prefill
     and decode; ``control_latency_s``: a lease message's way from worker to worker through the
     router."""
-    slowdown = interference or {}
+    extra = served or {}
     missing = [p.name for p in deploy.pools if p.name not in steps]
     if missing:
         raise ValueError(f"steps: no measured step model for pools {missing}; profile them with `hetpd profile`")
@@ -61,13 +63,13 @@ def sim_config_for(deploy: DeploymentConfig, model: ModelShape, accelerator: Acc
         raise ValueError("pools.*.block_size: the simulator models one page size for the deployment")
     if "colocated" in by_role:
         pool = _pool(by_role["colocated"], accelerator, steps[by_role["colocated"].name],
-                     slowdown.get(by_role["colocated"].name, 0.0))
+                     extra.get(by_role["colocated"].name, ServedCosts()))
         return SimConfig(model, pool, pool, link, wire_fmt=pool.kv_fmt, page_tokens=page, colocated=True,
                          control_at_step_boundaries=True)
     prefill = _pool(by_role["prefill"], accelerator, steps[by_role["prefill"].name],
-                    slowdown.get(by_role["prefill"].name, 0.0))
+                    extra.get(by_role["prefill"].name, ServedCosts()))
     decode = _pool(by_role["decode"], accelerator, steps[by_role["decode"].name],
-                   slowdown.get(by_role["decode"].name, 0.0))
+                   extra.get(by_role["decode"].name, ServedCosts()))
     # The KV crosses in the narrower of the two formats (the handoff planner converts on the
     # side that shrinks the wire).
     wire = min(prefill.kv_fmt, decode.kv_fmt, key=FORMAT_BYTES.__getitem__)

@@ -6,8 +6,8 @@ For each deployment (colocated, and one prefill + one decode worker) it
    workers, ``--neighbours N``),
 2. starts ``hetpd serve --step-trace`` on that deployment (real router and worker processes),
 3. serves a calibration load of its own requests and refits each pool's step model to the steps
-   its workers served, and its interference to the steps they took beside a busy worker
-   (:mod:`hetpd.plan.served_steps`),
+   its workers served, its interference to the steps they took beside a busy worker, and the
+   worker loop's own time around each step (:mod:`hetpd.plan.served_steps`),
 4. measures what serving adds before the first token with a few requests sent one at a time
    (:class:`ServingOverhead`: HTTP, tokenizer, the router's dispatch; no step trace sees it),
 5. runs ``hetpd bench`` at each request rate (Poisson arrivals, the workload below),
@@ -38,7 +38,7 @@ from hetpd.bench.workload import build_requests, parse_workload
 from hetpd.core.step_work import STEP_TRACE_ENV
 from hetpd.plan.fidelity import Agreement, agreement, sim_config_for
 from hetpd.plan.profile import load_steps
-from hetpd.plan.served_steps import load_interference, refit, served_steps
+from hetpd.plan.served_steps import ServedCosts, load_served_costs, refit, served_steps
 from hetpd.plan.simulator import PoolSpec, SimConfig, SimResult, simulate
 from hetpd.plan.spec import ModelShape, load_catalog
 from hetpd.serve.deploy import parse_deployment
@@ -170,7 +170,7 @@ def run_fidelity(config: FidelityConfig, out: Path, log: Callable[[str], None] =
         catalog = load_catalog([calibration])
         deploy = parse_deployment({"model": str(model_dir), "served_model_name": "smollm2", "pools": pools})
         steps = {p["name"]: load_steps(str(calibration)) for p in pools}
-        interference: dict[str, float] = {}
+        served: dict[str, ServedCosts] = {}
         link = catalog.link("local_shm")
         # Lease messages go worker -> router -> worker: two hops of the profiled local TCP latency.
         control = 2 * catalog.link("local_tcp").latency_us * 1e-6
@@ -187,8 +187,8 @@ def run_fidelity(config: FidelityConfig, out: Path, log: Callable[[str], None] =
                 files = _calibrate_on_served_steps(config, mode, profiled, list(steps), server.url, calibration,
                                                    trace_dir, out, log)
                 steps = {pool: load_steps(str(path)) for pool, path in files.items()}
-                interference = {pool: load_interference(path) for pool, path in files.items()}
-            sim_config = sim_config_for(deploy, shape, catalog.accelerator("local"), steps, link, interference, control)
+                served = {pool: load_served_costs(path) for pool, path in files.items()}
+            sim_config = sim_config_for(deploy, shape, catalog.accelerator("local"), steps, link, served, control)
             probe = serving_overhead(sim_config, server.url, config, out / f"probe-{mode}.json")
             log(f"[fidelity] {mode}: serving overhead beyond the engine's steps, from {PROBE_REQUESTS} requests "
                 f"one at a time: {1000 * probe.per_first_token:.1f} ms to the first token, "
@@ -250,8 +250,9 @@ def _calibrate_on_served_steps(config: FidelityConfig, mode: str, sim_config: Si
                                calibration: Path, trace_dir: Path, out: Path, log: Callable[[str], None]
                                ) -> dict[str, Path]:
     """Serve a calibration load (its own requests, never a load point's) and refit each pool's step
-    model to the engine profile plus the steps that pool's workers served alone, and its
-    interference to the steps they served beside a busy worker (:mod:`hetpd.plan.served_steps`).
+    model to the engine profile plus the steps that pool's workers served alone, its interference
+    to the steps they served beside a busy worker, and its loop cost to the worker loop's time
+    around each step (:mod:`hetpd.plan.served_steps`).
     Returns each pool's refitted calibration file."""
     assert config.calibration_load is not None
     rate = round(predicted_capacity(sim_config, config) * config.calibration_load, 3)
@@ -272,7 +273,9 @@ def _trace_lengths(trace_dir: Path) -> dict[str, int]:
 
 def _served_over_model(trace_dir: Path, pool: str, seen: dict[str, int], pool_spec: PoolSpec) -> float:
     """Total wall time of the steps ``pool``'s workers served after the first ``seen`` of each, over
-    what the simulator's model of the pool (steps and interference) predicts for the same steps."""
+    what the simulator's model of the pool (steps and interference) predicts for the same steps:
+    how fast the engine ran. The loop's own time is left out; it is small and reads the router's
+    pace as much as the machine's."""
     assert pool_spec.steps is not None
     wall = predicted = 0.0
     counts: dict[str, int] = {}

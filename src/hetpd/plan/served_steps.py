@@ -10,7 +10,10 @@ seconds); this module reads them back and refits:
   the host was mid-step;
 * the pool's **interference**: how much longer its steps run when another worker was mid-step
   as they started (total time over what the refitted model predicts, less one). The simulator
-  applies it by the same rule (:attr:`hetpd.plan.simulator.PoolSpec.interference`).
+  applies it by the same rule (:attr:`hetpd.plan.simulator.PoolSpec.interference`);
+* the pool's **loop cost** (:class:`~hetpd.plan.step_model.LoopCost`): the seconds its worker loop
+  spends around each step (control messages, streaming, KV export and staging, leases), in which
+  the worker starts no step (:attr:`hetpd.plan.simulator.PoolSpec.loop`).
 
 Pure Python (the fit uses numpy).
 """
@@ -18,6 +21,7 @@ Pure Python (the fit uses numpy).
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from hetpd.core.step_work import StepWork
-from hetpd.plan.step_model import StepFit, fit_steps_by_batch
+from hetpd.plan.step_model import LoopCost, StepFit, fit_steps_by_batch
 
 MIN_BESIDE_STEPS = 10  # fewer steps taken beside a busy worker than this: no interference is fitted
 
@@ -36,6 +40,7 @@ class ServedStep:
     work: StepWork
     seconds: float
     beside_busy: bool  # another worker recorded in the same trace folder was mid-step as this one started
+    loop: float = 0.0  # the worker loop's own seconds before and after the step (0 in traces without them)
 
 
 @dataclass(frozen=True)
@@ -44,11 +49,23 @@ class Refit:
     interference: float  # steps taken beside a busy worker ran (1 + this) times the model's time
     alone: int  # served steps the model was fitted to
     beside: int  # served steps the interference was measured on
+    loop: LoopCost = LoopCost()  # the worker loop's own time around each step
 
     def summary(self) -> str:
         return (f"step model refitted to the profile and {self.alone} served steps (median error "
                 f"{100 * self.fit.median_error:.1f}%); {self.beside} steps beside a busy worker ran "
-                f"{100 * self.interference:.0f}% longer")
+                f"{100 * self.interference:.0f}% longer; the loop around a step: {1000 * self.loop.per_step:.2f} ms "
+                f"+ {1e6 * self.loop.per_prompt_token:.1f} us per prompt token "
+                f"+ {1e6 * self.loop.per_decode_seq:.1f} us per decoding sequence")
+
+
+@dataclass(frozen=True)
+class ServedCosts:
+    """What serving adds to a pool's engine steps, as the simulator takes it (:class:`PoolSpec`'s
+    ``interference`` and ``loop``)."""
+
+    interference: float = 0.0
+    loop: LoopCost = LoopCost()
 
 
 def profiled_steps(path: Path) -> list[tuple[StepWork, float]]:
@@ -65,11 +82,13 @@ class _Recorded:
     at: float
     wall: float
     work: StepWork
+    loop: float
 
 
 def _read(file: Path) -> list[_Recorded]:
     rows = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
-    return [_Recorded(float(r["at"]), float(r["wall"]), StepWork(*r["work"])) for r in rows]
+    return [_Recorded(float(r["at"]), float(r["wall"]), StepWork(*r["work"]),
+                      float(r.get("before", 0.0)) + float(r.get("after", 0.0))) for r in rows]
 
 
 def _busy_at(steps: list[_Recorded], starts: list[float], at: float) -> bool:
@@ -89,8 +108,30 @@ def served_steps(trace_dir: Path, workers: str = "") -> list[ServedStep]:
                          "serve with `hetpd serve --step-trace DIR` and send it traffic first")
     starts = {name: [r.at for r in rows] for name, rows in recorded.items()}
     return [ServedStep(name, r.work, r.wall, any(_busy_at(recorded[other], starts[other], r.at)
-                                                 for other in recorded if other != name))
+                                                 for other in recorded if other != name), r.loop)
             for name in mine for r in recorded[name]]
+
+
+def fit_loop(served: list[ServedStep]) -> LoopCost:
+    """Least squares (absolute seconds: the total is what delays the next step) of the loop's time
+    around each step on a constant, the step's prompt tokens and its decoding sequences. A term the
+    data cannot support (a negative coefficient) is dropped and the rest refitted."""
+    import numpy as np
+
+    if not served:
+        return LoopCost()
+    rows = np.array([[1.0, s.work.prefill_tokens, s.work.decode_seqs] for s in served])
+    target = np.array([s.loop for s in served])
+    keep = [0, 1, 2]
+    while True:
+        coef, *_ = np.linalg.lstsq(rows[:, keep], target, rcond=None)
+        if (coef >= 0).all() or len(keep) == 1:
+            break
+        keep.pop(int(np.argmin(coef)))
+    full = [0.0, 0.0, 0.0]
+    for index, value in zip(keep, coef, strict=True):
+        full[index] = max(0.0, float(value))
+    return LoopCost(*full)
 
 
 def refit(calibration: Path, served: list[ServedStep], out: Path) -> Refit:
@@ -103,16 +144,20 @@ def refit(calibration: Path, served: list[ServedStep], out: Path) -> Refit:
     if len(beside) >= MIN_BESIDE_STEPS:
         predicted = sum(fit.model.seconds(s.work) for s in beside)
         interference = max(0.0, sum(s.seconds for s in beside) / predicted - 1.0)
+    loop = fit_loop(served)
     raw = yaml.safe_load(calibration.read_text())
     raw["step_model"].update({"median_error": fit.median_error, "served_steps": len(alone),
                               "interference": interference, "interference_steps": len(beside),
-                              "terms": fit.model.as_dict()})
+                              "loop": dataclasses.asdict(loop), "terms": fit.model.as_dict()})
     out.write_text("# hetpd profile, the step model refitted to served steps (hetpd.plan.served_steps)\n"
                    + yaml.safe_dump(raw, sort_keys=False))
-    return Refit(fit, interference, len(alone), len(beside))
+    return Refit(fit, interference, len(alone), len(beside), loop)
 
 
-def load_interference(path: Path) -> float:
-    """A calibration's fitted interference (0 when it was never refitted to served steps)."""
+def load_served_costs(path: Path) -> ServedCosts:
+    """A calibration's fitted interference and loop cost (none when it was never refitted to
+    served steps)."""
     raw = yaml.safe_load(path.read_text()) or {}
-    return float((raw.get("step_model") or {}).get("interference", 0.0))
+    fitted = raw.get("step_model") or {}
+    return ServedCosts(float(fitted.get("interference", 0.0)),
+                       LoopCost.from_dict(fitted.get("loop") or {}, f"{path}: step_model.loop"))

@@ -10,8 +10,8 @@ requests on the prefill pool's instances: chunked prefill mixed with decodes, no
 Lease time-outs are ticked as the runtime ticks them. For a local deployment it can also model
 what ``hetpd serve`` does beyond the durations: workers that read lease messages only between
 their engine steps, after the router's hop (``control_at_step_boundaries``,
-``control_latency_s``), and workers on one host that slow each other (``PoolSpec.interference``).
-The fast simulator (:mod:`hetpd.plan.fastsim`) refuses those. Pure Python.
+``control_latency_s``), workers on one host that slow each other (``PoolSpec.interference``),
+and the worker loop's own time around each step (``PoolSpec.loop``). The fast simulator (:mod:`hetpd.plan.fastsim`) refuses those. Pure Python.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from hetpd.ownership import (
 )
 from hetpd.plan.cost import Efficiency, handoff_time, kv_bytes_per_token
 from hetpd.plan.spec import Accelerator, Link, ModelShape
-from hetpd.plan.step_model import MeasuredSteps, RooflineSteps, StepCoster
+from hetpd.plan.step_model import LoopCost, MeasuredSteps, RooflineSteps, StepCoster
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,10 @@ class PoolSpec:
     # mid-step as it starts: instances sharing one host's memory bandwidth and caches (fitted by
     # `hetpd profile --served-steps`, hetpd.plan.served_steps). 0: instances never slow each other.
     interference: float = 0.0
+    # The worker loop's own time around each step (control messages, streaming, KV export and
+    # staging, leases), in which the instance starts no step; fitted to served steps like the
+    # interference. None of it by default.
+    loop: LoopCost = LoopCost()
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,7 @@ class _Instance:
         self.coster: StepCoster = pool.steps or RooflineSteps(config.model, pool.accelerator, pool.compute_fmt,
                                                               pool.weight_fmt, pool.kv_fmt, config.efficiency)
         self.current: SchedulerOutput | None = None
+        self.loop_s = 0.0  # the current step's loop time, after its engine time (PoolSpec.loop)
         self.inbox: list[Callable[[float], None]] = []  # control work waiting for the current step to end
         self.busy_time = 0.0
         self.reserving: set[str] = set()  # handoffs admitted here whose KV has not landed: slots taken
@@ -267,9 +272,14 @@ class _Simulation:
         if output.is_empty:
             return
         self.preemptions += len(output.preempted)
-        seconds = inst.coster.seconds(step_work(output))
+        work = step_work(output)
+        seconds = inst.coster.seconds(work)
         if inst.pool.interference and any(other.current is not None for other in self.by_name.values()):
             seconds *= 1.0 + inst.pool.interference  # (inst itself is idle: it is starting a step)
+        # The worker loop's own work follows the engine step (the served loop streams the step's
+        # tokens first, then offers, polls and ticks): the instance stays busy, its tokens do not wait.
+        inst.loop_s = inst.pool.loop.seconds(work)
+        seconds += inst.loop_s
         inst.current = output
         inst.busy_time += seconds
         self.push(now + seconds, "step_done", inst.name)
@@ -277,23 +287,24 @@ class _Simulation:
     def finish_step(self, inst: _Instance, now: float) -> None:
         output, inst.current = inst.current, None
         assert output is not None
+        emitted = now - inst.loop_s  # the engine's part of the step ended then; tokens left with it
         sampling = [c for c in output.chunks if c.samples]  # before on_step_done moves the watermark
         inst.scheduler.on_step_done(output, {c.seq.seq_id: 0 for c in sampling})
         for chunk in sampling:
             request_id, seq = chunk.seq.seq_id, chunk.seq
             times, spec = self.times[request_id], self.specs[request_id]
             if not (inst.hands_off and times.first_token is not None):  # a re-prefill's token was sent already
-                times.token(now)
+                times.token(emitted)
             if inst.hands_off:
                 blocks = inst.scheduler.finish(seq, keep_blocks=True)
                 if spec.output_tokens <= 1:
                     inst.allocator.free(blocks)
-                    times.finished = now
+                    times.finished = emitted
                 else:
                     self.offer(request_id, blocks, now)
             elif seq.num_output_tokens >= spec.output_tokens:
                 inst.scheduler.finish(seq)
-                times.finished = now
+                times.finished = emitted
                 while self.refused:  # room freed: the refused ones get another go
                     self.push(now, "arrive", self.refused.pop(0))
         inbox, inst.inbox = inst.inbox, []

@@ -107,6 +107,37 @@ class MeasuredSteps:
 
 
 @dataclass(frozen=True)
+class LoopCost:
+    """What a served worker's own loop spends around each engine step, which no engine profile
+    sees: control messages read before it; outputs streamed, KV offered, exported and staged,
+    transfers polled and leases ticked after it (``hetpd serve --step-trace`` records both)::
+
+        per_step + per_prompt_token * prefill_tokens + per_decode_seq * decode_seqs
+
+    The worker starts no step while its loop runs, so the simulator adds it to the step's time.
+    Fitted by :func:`hetpd.plan.served_steps.fit_loop`; all terms non-negative seconds."""
+
+    per_step: float = 0.0
+    per_prompt_token: float = 0.0
+    per_decode_seq: float = 0.0
+
+    def __post_init__(self) -> None:
+        negative = [name for name, value in asdict(self).items() if not value >= 0]
+        if negative:
+            raise ValueError(f"loop cost terms {negative} must be non-negative seconds")
+
+    def seconds(self, work: StepWork) -> float:
+        return self.per_step + self.per_prompt_token * work.prefill_tokens + self.per_decode_seq * work.decode_seqs
+
+    @classmethod
+    def from_dict(cls, raw: Any, where: str = "loop") -> LoopCost:
+        names = set(cls.__dataclass_fields__)
+        if not isinstance(raw, dict) or not set(raw) <= names:
+            raise ValueError(f"{where}: a mapping of {sorted(names)} (write it with `hetpd profile --served-steps`)")
+        return cls(**{name: float(value) for name, value in raw.items()})
+
+
+@dataclass(frozen=True)
 class StepFit:
     model: MeasuredSteps
     median_error: float  # median relative error over the measurements

@@ -34,7 +34,13 @@ from hetpd.ownership import LeaseConfig, ReserveRequest, message_from_dict
 from hetpd.sampling_params import SamplingParams
 from hetpd.serve.control import answer
 from hetpd.serve.deploy import HandoffConfig, PoolConfig
-from hetpd.transfer import FaultInjection, TransferReceiver, TransferSender, make_receiver, make_sender
+from hetpd.transfer import (
+    FaultInjection,
+    TransferReceiver,
+    TransferSender,
+    make_receiver,
+    make_sender,
+)
 from hetpd.transfer.net import Conn, PeerGone, connect
 
 STATS_EVERY_S = 0.25
@@ -209,15 +215,18 @@ class Worker:
         trace_dir = os.environ.get(STEP_TRACE_ENV)
         self._step_trace = open(os.path.join(trace_dir, f"{self.worker_id}.jsonl"), "a", buffering=1) if trace_dir else None
         while not self.stopping.is_set():
-            self._iteration_start = time.monotonic()
             # Engine work: never wait. Only handoffs in flight: wake often enough to poll the transport
             # (2 ms) without spinning a core the engines next door need. Idle: 20 ms.
             wait = 0.0 if self.engine.has_unfinished() else 0.002 if self._live_leases() else 0.02
             try:
-                message = self.inbox.get(timeout=wait) if wait else self.inbox.get_nowait()
-                self._handle_safely(message)
-                while True:
-                    self._handle_safely(self.inbox.get_nowait())
+                first: dict[str, Any] | None = self.inbox.get(timeout=wait) if wait else self.inbox.get_nowait()
+            except queue.Empty:
+                first = None
+            self._iteration_start = time.monotonic()  # waiting for a message is idleness, not the loop's work
+            try:
+                while first is not None:
+                    self._handle_safely(first)
+                    first = self.inbox.get_nowait()
             except queue.Empty:
                 pass
             if self.stopping.is_set():
