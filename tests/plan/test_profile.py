@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
 from hetpd.core.step_work import StepWork
-from hetpd.plan.cost import load_efficiency
+from hetpd.models.config import ModelConfig
+from hetpd.plan.calibrated import load_calibrated
 from hetpd.plan.profile import load_steps, profile, write
-from hetpd.plan.scenario import parse_scenario
-from hetpd.plan.search import plan
-from hetpd.plan.spec import load_catalog
+from hetpd.plan.spec import ModelShape, load_catalog
 
 
 def test_profile_writes_a_calibration_the_planner_uses(tiny_model_dir: Callable[[str], Path], tmp_path: Path) -> None:
@@ -21,27 +21,30 @@ def test_profile_writes_a_calibration_the_planner_uses(tiny_model_dir: Callable[
     assert calibration.accelerator["peak_tflops"]["fp32"] > 0 and calibration.accelerator["memory_tbps"] > 0
     path = tmp_path / "calibration.yaml"
     write(calibration, path)
-    assert load_efficiency(str(path)).compute == calibration.compute
     catalog = load_catalog([path])  # the local machine joins the catalog as an accelerator
     assert catalog.accelerator("local").memory_gb > 1
-    scenario = parse_scenario({
-        "model": "llama_3_1_8b", "fleet": [{"accelerator": "nvidia_h100_sxm", "count": 2}], "link": "roce_400g",
-        "calibration": str(path),
-        "workload": {"arrival": {"kind": "poisson", "rate": 2}, "num_requests": 20,
-                     "lengths": {"kind": "fixed", "input": 512, "output": 32}},
-        "search": {"weight_formats": ["bf16"], "kv_formats": ["bf16"], "wire_formats": ["bf16"],
-                   "max_instances_per_pool": 1}})
-    calibrated = plan(scenario, catalog).ranked[0].result
-    default = plan(parse_scenario({**scenario.model_dump(mode="json"), "calibration": None}), catalog).ranked[0].result
-    assert calibrated is not None and default is not None
-    assert calibrated.tpot.p50 != default.tpot.p50  # the measured efficiencies change the predicted step times
+    # The file says what the step model measured: the planner prices that model, in that format,
+    # on this machine with it, and anything else with the efficiencies.
+    calibrated = load_calibrated(path)
+    profiled = ModelShape.from_config(ModelConfig.from_dir(tiny_model_dir("llama")), "tiny")
+    assert calibrated.efficiency.compute == calibration.compute
+    assert calibrated.for_pool("local", profiled, "fp32").steps == load_steps(str(path))
+    assert calibrated.for_pool("local", profiled, "bf16").steps is None
     assert yaml.safe_load(path.read_text())["measurements"]["decode_memory_efficiency"]
     # The step model is fitted to every measured step and predicts them; the transports join the catalog.
     steps = load_steps(str(path))
     measured = yaml.safe_load(path.read_text())["measurements"]["steps"]
     assert len(measured) >= 10 and calibration.threads == 1
-    errors = sorted(abs(steps.seconds(StepWork(*m["work"])) - m["seconds"]) / m["seconds"] for m in measured)
-    assert errors[len(errors) // 2] < 0.35  # a tiny model's steps are mostly overhead: noisy, but fitted
+    # A tiny model's steps take a millisecond or two, mostly overhead, and a quick profile measures
+    # few of them: on a busy machine any one can be off by half. The fit must still follow them
+    # better than their median does, and add up to what they took.
+    seconds = [m["seconds"] for m in measured]
+    typical = statistics.median(seconds)
+    fitted = [steps.seconds(StepWork(*m["work"])) for m in measured]
+    errors = sorted(abs(f - s) / s for f, s in zip(fitted, seconds, strict=True))
+    flat = sorted(abs(typical - s) / s for s in seconds)
+    assert errors[len(errors) // 2] < flat[len(flat) // 2]
+    assert 0.8 < sum(fitted) / sum(seconds) < 1.25
     assert catalog.link("local_shm").bandwidth > 0 and catalog.link("local_tcp").bandwidth > 0
 
 

@@ -64,8 +64,8 @@ from hetpd.bench.metrics import SLO
 from hetpd.bench.workload import RequestSpec
 from hetpd.core.step_work import StepWork
 from hetpd.plan.cost import handoff_time
-from hetpd.plan.simulator import PoolSpec, SimConfig, SimResult
-from hetpd.plan.step_model import MeasuredSteps, RooflineSteps
+from hetpd.plan.simulator import PoolSpec, SimConfig, SimResult, pool_roofline
+from hetpd.plan.step_model import MeasuredSteps
 
 Array = npt.NDArray[np.float64]
 ROUNDING_SLACK = 1e-9
@@ -121,8 +121,7 @@ def step_floors(config: SimConfig, pool: PoolSpec, prompts: bool = False) -> tup
         return (StepFloor(k * (m.overhead + m.weights), 0.0, k * m.prefill_pair, 0.0, k * m.decode_context),
                 StepFloor(k * m.overhead, k * m.prefill_token, k * m.prefill_pair, k * m.decode_seq,
                           k * m.decode_context))
-    roofline = RooflineSteps(config.model, pool.accelerator, pool.compute_fmt, pool.weight_fmt, pool.kv_fmt,
-                             config.efficiency)
+    roofline = pool_roofline(config, pool)
     units = [StepWork(1, 0, 0, 0), StepWork(0, 1, 0, 0), StepWork(0, 0, 1, 0), StepWork(0, 0, 0, 1)]
     compute = [roofline.time(unit).compute_s for unit in units]
     least = StepWork(1, 1, 0, 0) if prompts else StepWork()

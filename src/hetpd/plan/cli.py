@@ -14,13 +14,19 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from hetpd.plan.scenario import ScenarioError, load_scenario
 from hetpd.bench.workload import build_requests
-from hetpd.plan.cost import Efficiency, load_efficiency
+from hetpd.plan.calibrated import load_calibrated
 from hetpd.plan.explain import explain, gains_text
-from hetpd.plan.search import Evaluation, PlanResult, SearchProgress, build_config, plan, scenario_slo
+from hetpd.plan.scenario import ScenarioError, load_scenario
+from hetpd.plan.search import (
+    Evaluation,
+    PlanResult,
+    SearchProgress,
+    build_config,
+    plan,
+    scenario_slo,
+)
 from hetpd.plan.spec import CatalogError, load_catalog
-
 
 EXPLAINED = 3  # placements explained (and drawn in the report); the first also gets the coupling matrix
 
@@ -118,9 +124,9 @@ def main(argv: list[str]) -> int:
     coupling: dict[str, dict[str, float]] | None = None
     model = catalog.model(scenario.model)
     requests = build_requests(scenario.workload)
-    efficiency = load_efficiency(scenario.calibration) if scenario.calibration else Efficiency()
+    calibrated = load_calibrated(scenario.calibration) if scenario.calibration else None
     for i, e in enumerate(result.ranked[: min(EXPLAINED, args.top)]):
-        built = build_config(e.candidate, scenario, catalog, model, requests, efficiency)
+        built = build_config(e.candidate, scenario, catalog, model, requests, calibrated)
         if isinstance(built, Evaluation):
             continue
         why = explain(built[0], requests, scenario_slo(scenario), base=e.goodput, coupling=i == 0,

@@ -28,18 +28,6 @@ class StageTime:
     binding: str  # "compute" | "bandwidth"
 
 
-def load_efficiency(path: str) -> Efficiency:
-    """The efficiencies a ``hetpd profile`` calibration file measured."""
-    import yaml
-
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
-    measured = raw.get("efficiency")
-    if not isinstance(measured, dict) or not {"compute", "memory"} <= set(measured):
-        raise ValueError(f"{path}: no efficiency {{compute, memory}} section; write it with `hetpd profile`")
-    return Efficiency(compute=float(measured["compute"]), memory=float(measured["memory"]))
-
-
 def _bytes(fmt: str) -> float:
     if fmt not in FORMAT_BYTES:
         raise ValueError(f"format {fmt!r} is unknown to the cost model; choose one of {sorted(FORMAT_BYTES)}")

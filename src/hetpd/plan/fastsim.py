@@ -67,6 +67,7 @@ from hetpd.plan.simulator import (
     SimConfig,
     SimResult,
     check_pools,
+    pool_coster,
     summarize,
 )
 from hetpd.plan.step_model import LoopCost, MeasuredSteps, RooflineSteps, StepCoster
@@ -593,8 +594,7 @@ class _Simulation:
 
     def _pool(self, pool: PoolSpec, hands_off: bool, first: int) -> list[_Engine]:
         cfg = self.cfg
-        coster: StepCoster = pool.steps or RooflineSteps(cfg.model, pool.accelerator, pool.compute_fmt,
-                                                         pool.weight_fmt, pool.kv_fmt, cfg.efficiency)
+        coster = pool_coster(cfg, pool)
         curves: dict[int, DecodeCurve] = {}
         return [_Engine(self, first + i, pool, cfg, coster, curves, hands_off) for i in range(pool.count)]
 

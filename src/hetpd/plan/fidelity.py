@@ -39,7 +39,7 @@ def _pool(pool: PoolConfig, accelerator: Accelerator, steps: MeasuredSteps, serv
     return PoolSpec(accelerator, pool.count, _format(pool.dtype, f"pools.{pool.name}.dtype"), weights,
                     _format(pool.kv_cache_dtype, f"pools.{pool.name}.kv_cache_dtype"),
                     pool.num_kv_blocks * pool.block_size, pool.max_num_seqs, pool.max_num_batched_tokens, steps,
-                    served.interference, served.loop)
+                    interference=served.interference, loop=served.loop)
 
 
 def sim_config_for(deploy: DeploymentConfig, model: ModelShape, accelerator: Accelerator,

@@ -2,10 +2,10 @@
 
 For each deployment (colocated, and one prefill + one decode worker) it
 1. runs ``hetpd profile --threads T`` alone, with the thread count ``hetpd serve`` will give each
-   worker (without a calibration load: beside as many busy engines as the deployment has other
+   worker (without calibration loads: beside as many busy engines as the deployment has other
    workers, ``--neighbours N``),
 2. starts ``hetpd serve --step-trace`` on that deployment (real router and worker processes),
-3. serves a calibration load of its own requests and refits each pool's step model to the steps
+3. serves calibration loads of their own requests and refits each pool's step model to the steps
    its workers served, its interference to the steps they took beside a busy worker, and the
    worker loop's own time around each step (:mod:`hetpd.plan.served_steps`),
 4. measures what serving adds before the first token with a few requests sent one at a time
@@ -63,9 +63,12 @@ class FidelityConfig:
     slo: SLO = SLO(ttft=2.0, tpot=0.2)
     quick_profile: bool = False
     seed: int = 0
-    # A load (fraction of the profiled capacity) served first, on its own requests, whose steps the
-    # step model is refitted to (`hetpd profile --served-steps`); None: the engine profile alone.
-    calibration_load: float | None = 0.6
+    # Loads (fractions of the profiled capacity) served first, one after the other, each on its own
+    # requests, whose steps the step model is refitted to (`hetpd profile --served-steps`); empty:
+    # the engine profile alone. A high one makes the batch sizes near saturation (a decode step of 7
+    # sequences amid mixed contexts ran 1.2-1.4x the profile's line at 0.85 of capacity, and a
+    # calibration at 0.6 alone never batched more than 5).
+    calibration_loads: tuple[float, ...] = (0.6, 0.9)
     # A load point whose served steps ran more than this fraction off the calibrated step model
     # (the machine itself sped up or slowed down since the calibration) is measured again, with
     # fresh requests, up to ``drift_retries`` times; the discarded attempts are kept. None: never.
@@ -161,7 +164,7 @@ def run_fidelity(config: FidelityConfig, out: Path, log: Callable[[str], None] =
         # Calibrated on served steps, the engine is profiled alone and the served steps measure how
         # much the deployment's workers slow each other; without, as many busy neighbours run beside
         # the profile as the deployment has other workers.
-        neighbours = 0 if config.calibration_load is not None else len(pools) - 1
+        neighbours = 0 if config.calibration_loads else len(pools) - 1
         profile_args = ["profile", "--threads", str(threads), "--neighbours", str(neighbours),
                         "--out", str(calibration)]
         with (out / f"profile-{mode}.log").open("w") as profile_log:
@@ -181,7 +184,7 @@ def run_fidelity(config: FidelityConfig, out: Path, log: Callable[[str], None] =
         trace_dir.mkdir()
         points, simulated, measured, ratios = [], [], [], []
         with local_server(deploy_path, out / f"serve-{mode}.log", env={STEP_TRACE_ENV: str(trace_dir)}) as server:
-            if config.calibration_load is not None:
+            if config.calibration_loads:
                 profiled = sim_config_for(deploy, shape, catalog.accelerator("local"), steps, link,
                                           control_latency_s=control)
                 files = _calibrate_on_served_steps(config, mode, profiled, list(steps), server.url, calibration,
@@ -193,7 +196,7 @@ def run_fidelity(config: FidelityConfig, out: Path, log: Callable[[str], None] =
             log(f"[fidelity] {mode}: serving overhead beyond the engine's steps, from {PROBE_REQUESTS} requests "
                 f"one at a time: {1000 * probe.per_first_token:.1f} ms to the first token, "
                 f"{1000 * probe.per_token:.1f} ms per later token")
-            if config.calibration_load is not None:
+            if config.calibration_loads:
                 # Served steps already carry what serving adds between tokens; adding the probe's
                 # per-token excess too would count it twice. Before the first token (HTTP, the
                 # tokenizer, the router's dispatch) no step trace sees it: that part applies.
@@ -249,15 +252,16 @@ def _bench(url: str, raw: dict[str, Any], config: FidelityConfig, workload_path:
 def _calibrate_on_served_steps(config: FidelityConfig, mode: str, sim_config: SimConfig, pools: list[str], url: str,
                                calibration: Path, trace_dir: Path, out: Path, log: Callable[[str], None]
                                ) -> dict[str, Path]:
-    """Serve a calibration load (its own requests, never a load point's) and refit each pool's step
+    """Serve the calibration loads (their own requests, never a load point's) and refit each pool's step
     model to the engine profile plus the steps that pool's workers served alone, its interference
     to the steps they served beside a busy worker, and its loop cost to the worker loop's time
     around each step (:mod:`hetpd.plan.served_steps`).
     Returns each pool's refitted calibration file."""
-    assert config.calibration_load is not None
-    rate = round(predicted_capacity(sim_config, config) * config.calibration_load, 3)
-    raw = {**workload(config, rate), "seed": config.seed + 500}
-    _bench(url, raw, config, out / f"workload-{mode}-calibration.yaml", out / f"bench-{mode}-calibration.json", log)
+    capacity = predicted_capacity(sim_config, config)
+    for index, load in enumerate(config.calibration_loads):
+        raw = {**workload(config, round(capacity * load, 3)), "seed": config.seed + 500 + index}
+        name = f"{mode}-calibration" + (f"-{index}" if index else "")
+        _bench(url, raw, config, out / f"workload-{name}.yaml", out / f"bench-{name}.json", log)
     files = {}
     for pool in pools:
         files[pool] = out / f"calibration-{mode}-{pool}.yaml"

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from hetpd.core.step_work import StepWork
+from hetpd.plan.calibrated import shape_of
 from hetpd.plan.step_model import MeasuredSteps, fit_steps_by_batch
 
 
@@ -41,6 +42,10 @@ class Calibration:
     threads: int
     links: tuple[dict[str, Any], ...] = ()  # catalog entries of the local transports, as measured
     neighbours: int = 0  # busy engine processes that ran beside the step measurements
+    # What the step model was measured on: the model's dimensions (plan.calibrated.SHAPE_FIELDS)
+    # and the format the engine computed in; the planner uses the step model only for the same.
+    model_shape: tuple[tuple[str, int], ...] = ()
+    compute_fmt: str = "fp32"
 
 
 def _best(fn: Any, repeats: int) -> float:
@@ -188,6 +193,9 @@ def _profile(model_dir: Path | None, dtype: str, quick: bool, threads: int | Non
                     engine.step()
                 if index == 0:
                     engine.step()  # the others catch up one token; contexts stay within a block
+            # The first step of a batch size builds its kernels (oneDNN keeps one per shape): a cost
+            # served workers pay once, not per step. Untimed.
+            engine.step()
             times = []
             for _ in range(repeats):
                 work = decoding_work()
@@ -198,15 +206,17 @@ def _profile(model_dir: Path | None, dtype: str, quick: bool, threads: int | Non
             memory_eff.setdefault(batch, moved / seconds / peak_bw)
             log(f"[profile] decode batch {batch:3d} at context {context:4d}: {1000 * seconds:7.1f} ms/step")
             if batch in (1, 4, 16):  # a prompt chunk beside the decodes: a colocated engine's step
-                decode = decoding_work()
-                extra = f"m{next(counter)}"
-                engine.add_request(extra, fresh_prompt(mixed_chunk), SamplingParams(max_tokens=2, temperature=0.0,
-                                                                                       ignore_eos=True))
-                work = StepWork(mixed_chunk, StepWork.chunk_pairs(0, mixed_chunk), decode.decode_seqs,
-                                decode.decode_context)
-                seconds = timed_step()
-                samples.append((work, seconds))
-                engine.abort(extra)
+                for warm in (True, False):  # the first such step builds its kernels (above): untimed
+                    decode = decoding_work()
+                    extra = f"m{next(counter)}"
+                    engine.add_request(extra, fresh_prompt(mixed_chunk),
+                                       SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+                    work = StepWork(mixed_chunk, StepWork.chunk_pairs(0, mixed_chunk), decode.decode_seqs,
+                                    decode.decode_context)
+                    seconds = timed_step()
+                    engine.abort(extra)
+                    if not warm:
+                        samples.append((work, seconds))
                 log(f"[profile] mixed: {mixed_chunk} prompt tokens + {batch} decodes: {1000 * seconds:7.1f} ms")
             for request_id in ids:
                 engine.abort(request_id)
@@ -229,7 +239,8 @@ def _profile(model_dir: Path | None, dtype: str, quick: bool, threads: int | Non
     return Calibration(statistics.median(compute_eff.values()), statistics.median(memory_eff.values()), accelerator,
                        {"prefill_compute_efficiency": compute_eff, "decode_memory_efficiency": memory_eff,
                         "peak_tflops": peak_flops / 1e12, "copy_gbps": peak_bw / 1e9, "steps": measured_steps},
-                       fit.model, fit.median_error, torch.get_num_threads(), links, neighbours)
+                       fit.model, fit.median_error, torch.get_num_threads(), links, neighbours,
+                       tuple(shape_of(shape).items()), "fp32" if dtype == "float32" else "bf16")
 
 
 def load_steps(path: str) -> MeasuredSteps:
@@ -244,6 +255,7 @@ def write(calibration: Calibration, path: Path) -> None:
             "efficiency": {"compute": calibration.compute, "memory": calibration.memory},
             "step_model": {"threads": calibration.threads, "neighbours": calibration.neighbours,
                            "median_error": calibration.step_fit_error,
+                           "model": dict(calibration.model_shape), "format": calibration.compute_fmt,
                            "terms": calibration.steps.as_dict()},
             "measurements": calibration.measurements}
     path.write_text("# hetpd profile: this machine's peaks and the engine's achieved fractions of them\n"

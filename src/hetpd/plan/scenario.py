@@ -46,7 +46,7 @@ class Scenario(_Strict):
     slo: SLOConfig = SLOConfig()
     search: SearchSpace = SearchSpace()
     catalog: list[str] = []  # extra catalog YAML files (your accelerators, prices, links)
-    calibration: str | None = None  # a `hetpd profile` file: its accelerator joins the catalog, its efficiencies apply
+    calibration: str | None = None  # a `hetpd profile` file: its machine joins the catalog, priced by it (plan.calibrated)
 
 
 class ScenarioError(ValueError):

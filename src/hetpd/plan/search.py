@@ -30,9 +30,10 @@ from hetpd.kv.encodings import format_for
 from hetpd.kv.format import ModelFingerprint
 from hetpd.kv.plan import plan_handoff
 from hetpd.plan.bound import GoodputBound, charged_goodput, horizon_for
-from hetpd.plan.cost import Efficiency, kv_bytes_per_token, load_efficiency, memory_fit
-from hetpd.plan.scenario import Scenario
+from hetpd.plan.calibrated import Calibrated, PoolCalibration, load_calibrated
+from hetpd.plan.cost import kv_bytes_per_token, memory_fit
 from hetpd.plan.fastsim import simulate_fast
+from hetpd.plan.scenario import Scenario
 from hetpd.plan.simulator import PoolSpec, SimConfig, SimResult, simulate
 from hetpd.plan.spec import Accelerator, Catalog, CatalogError, ModelShape
 
@@ -178,8 +179,8 @@ def run_simulator(config: SimConfig, requests: Sequence[RequestSpec], slo: SLO, 
 
 
 def evaluate(candidate: Candidate, scenario: Scenario, catalog: Catalog, model: ModelShape,
-             requests: list[RequestSpec], efficiency: Efficiency = Efficiency(), exact: bool = False) -> Evaluation:
-    built = build_config(candidate, scenario, catalog, model, requests, efficiency)
+             requests: list[RequestSpec], calibrated: Calibrated | None = None, exact: bool = False) -> Evaluation:
+    built = build_config(candidate, scenario, catalog, model, requests, calibrated)
     if isinstance(built, Evaluation):
         return built
     config, verdict = built
@@ -199,8 +200,10 @@ def scenario_slo(scenario: Scenario) -> SLO:
 
 
 def build_config(candidate: Candidate, scenario: Scenario, catalog: Catalog, model: ModelShape,
-                 requests: list[RequestSpec], efficiency: Efficiency = Efficiency()) -> tuple[SimConfig, str] | Evaluation:
-    """The simulator's view of a candidate, or its rejection (capacity) with the reason."""
+                 requests: list[RequestSpec], calibrated: Calibrated | None = None) -> tuple[SimConfig, str] | Evaluation:
+    """The simulator's view of a candidate, or its rejection (capacity) with the reason. A calibration
+    prices the pools on the accelerator it profiled (:mod:`hetpd.plan.calibrated`); the catalog
+    defaults price the rest."""
     c = candidate
     p_acc = tensor_parallel(catalog.accelerator(c.prefill), c.prefill_tp)
     d_acc = tensor_parallel(catalog.accelerator(c.decode), c.decode_tp)
@@ -222,16 +225,18 @@ def build_config(candidate: Candidate, scenario: Scenario, catalog: Catalog, mod
     fingerprint = ModelFingerprint(model.id, model.layers, model.num_kv_heads, model.head_dim, "-", "-", "-")
     handoff = plan_handoff(format_for(fingerprint, "bf16"), format_for(fingerprint, KV_ENCODING[c.kv_format]),
                            wire=format_for(fingerprint, KV_ENCODING[c.wire_format]))
+    p_fmt, d_fmt = _compute(p_acc, c.prefill_weights), _compute(d_acc, c.decode_weights)
+    p_cal, d_cal = ((calibrated.for_pool(p_acc.id, model, p_fmt), calibrated.for_pool(d_acc.id, model, d_fmt))
+                    if calibrated is not None else (PoolCalibration(), PoolCalibration()))
     config = SimConfig(
         model,
-        PoolSpec(p_acc, c.prefill_count, _compute(p_acc, c.prefill_weights), c.prefill_weights, "bf16",
-                 kv_pool_tokens=PREFILL_BATCH_TOKENS * 4),
-        PoolSpec(d_acc, c.decode_count, _compute(d_acc, c.decode_weights), c.decode_weights, c.kv_format,
-                 kv_pool_tokens=kv_tokens),
+        PoolSpec(p_acc, c.prefill_count, p_fmt, c.prefill_weights, "bf16", kv_pool_tokens=PREFILL_BATCH_TOKENS * 4,
+                 steps=p_cal.steps, efficiency=p_cal.efficiency),
+        PoolSpec(d_acc, c.decode_count, d_fmt, c.decode_weights, c.kv_format, kv_pool_tokens=kv_tokens,
+                 steps=d_cal.steps, efficiency=d_cal.efficiency),
         catalog.link(scenario.link), wire_fmt=c.wire_format,
         # A fused conversion kernel reads and writes the KV once at about a quarter of peak bandwidth.
         conversion_gbps=None if handoff.site == "none" else d_acc.memory_tbps * 1e3 / 4,
-        efficiency=efficiency,
     )
     return config, handoff.verdict.kind.value
 
@@ -296,12 +301,12 @@ def plan(scenario: Scenario, catalog: Catalog, progress: Callable[[SearchProgres
     model = catalog.model(scenario.model)
     requests = build_requests(scenario.workload)
     slo = scenario_slo(scenario)
-    efficiency = load_efficiency(scenario.calibration) if scenario.calibration else Efficiency()
+    calibrated = load_calibrated(scenario.calibration) if scenario.calibration else None
     everything = list(candidates(scenario))
     rejected: list[Evaluation] = []
     fitting: list[tuple[int, Candidate, SimConfig, str]] = []
     for index, candidate in enumerate(everything):
-        built = build_config(candidate, scenario, catalog, model, requests, efficiency)
+        built = build_config(candidate, scenario, catalog, model, requests, calibrated)
         if isinstance(built, Evaluation):
             rejected.append(built)
         else:

@@ -63,6 +63,9 @@ class PoolSpec:
     max_num_seqs: int = 256
     max_batch_tokens: int = 8192
     steps: MeasuredSteps | None = None  # measured step times (``hetpd profile``); None: the roofline
+    # The roofline's achieved fractions of peak on this pool's accelerator (a calibration's, see
+    # plan.calibrated); None: the config's (catalog defaults).
+    efficiency: Efficiency | None = None
     # A step runs (1 + interference) times as long when another instance of the deployment is
     # mid-step as it starts: instances sharing one host's memory bandwidth and caches (fitted by
     # `hetpd profile --served-steps`, hetpd.plan.served_steps). 0: instances never slow each other.
@@ -155,13 +158,23 @@ class _Instance:
         self.pool = pool
         self.allocator = BlockAllocator(blocks, config.page_tokens, enable_prefix_caching=False)
         self.scheduler = Scheduler(SchedulerConfig(pool.max_num_seqs, pool.max_batch_tokens), self.allocator)
-        self.coster: StepCoster = pool.steps or RooflineSteps(config.model, pool.accelerator, pool.compute_fmt,
-                                                              pool.weight_fmt, pool.kv_fmt, config.efficiency)
+        self.coster = pool_coster(config, pool)
         self.current: SchedulerOutput | None = None
         self.loop_s = 0.0  # the current step's loop time, after its engine time (PoolSpec.loop)
         self.inbox: list[Callable[[float], None]] = []  # control work waiting for the current step to end
         self.busy_time = 0.0
         self.reserving: set[str] = set()  # handoffs admitted here whose KV has not landed: slots taken
+
+
+def pool_roofline(config: SimConfig, pool: PoolSpec) -> RooflineSteps:
+    """``pool``'s roofline step model, at its own efficiency where calibrated, else the config's."""
+    return RooflineSteps(config.model, pool.accelerator, pool.compute_fmt, pool.weight_fmt, pool.kv_fmt,
+                         pool.efficiency or config.efficiency)
+
+
+def pool_coster(config: SimConfig, pool: PoolSpec) -> StepCoster:
+    """What prices ``pool``'s steps: its measured step model, else its roofline."""
+    return pool.steps or pool_roofline(config, pool)
 
 
 def check_pools(config: SimConfig) -> None:
