@@ -2,9 +2,9 @@
 """Simulator fidelity: the planner's prediction against a real `hetpd serve`, measured by `hetpd bench`.
 
 For a colocated deployment and a 1-prefill-1-decode one, on this machine: `hetpd profile` (with
-the threads `hetpd serve` gives each worker), then `hetpd serve --step-trace` serves a
-calibration load of its own requests and each pool's step model is refitted to the steps it
-served, then the simulator picks light, medium and near-saturation rates from the capacity it
+the threads `hetpd serve` gives each worker), then `hetpd serve --step-trace` serves two
+calibration loads (0.6 and 0.9 of the profiled capacity) of their own requests and each pool's
+step model, interference and loop time are refitted to the steps it served, then the simulator picks light, medium and near-saturation rates from the capacity it
 predicts, then `hetpd bench` measures the real deployment at each rate and the simulator
 replays the same requests. Each point also reports the served steps' time over what the step
 model predicted for them: how far the machine drifted from its calibration. Targets (issue 6): median
