@@ -12,7 +12,13 @@ import yaml
 
 from hetpd.bench.workload import RequestSpec, build_requests
 from hetpd.core.step_work import StepWork
-from hetpd.plan.calibrated import SHAPE_FIELDS, Calibrated, PoolCalibration, load_calibrated, shape_of
+from hetpd.plan.calibrated import (
+    SHAPE_FIELDS,
+    Calibrated,
+    PoolCalibration,
+    load_calibrated,
+    shape_of,
+)
 from hetpd.plan.cost import Efficiency
 from hetpd.plan.scenario import parse_scenario
 from hetpd.plan.search import Candidate, Evaluation, build_config, plan
