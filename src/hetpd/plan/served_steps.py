@@ -136,7 +136,8 @@ def fit_loop(served: list[ServedStep]) -> LoopCost:
 
 def refit(calibration: Path, served: list[ServedStep], out: Path) -> Refit:
     """Refit the calibration's step model to its own steps plus the served steps taken alone, measure
-    the interference on the rest, and write the calibration with both to ``out``."""
+    the interference on the rest, fit the loop time around every served step, and write the
+    calibration with all three to ``out``."""
     alone = [(s.work, s.seconds) for s in served if not s.beside_busy]
     beside = [s for s in served if s.beside_busy]
     fit = fit_steps_by_batch(profiled_steps(calibration) + alone)

@@ -11,7 +11,8 @@ Lease time-outs are ticked as the runtime ticks them. For a local deployment it 
 what ``hetpd serve`` does beyond the durations: workers that read lease messages only between
 their engine steps, after the router's hop (``control_at_step_boundaries``,
 ``control_latency_s``), workers on one host that slow each other (``PoolSpec.interference``),
-and the worker loop's own time around each step (``PoolSpec.loop``). The fast simulator (:mod:`hetpd.plan.fastsim`) refuses those. Pure Python.
+and the worker loop's own time around each step (``PoolSpec.loop``). The fast simulator
+(:mod:`hetpd.plan.fastsim`) refuses those. Pure Python.
 """
 
 from __future__ import annotations
