@@ -287,7 +287,7 @@ def _served_over_model(trace_dir: Path, pool: str, seen: dict[str, int], pool_sp
         counts[step.worker] = counts.get(step.worker, 0) + 1
         if counts[step.worker] > seen.get(step.worker, 0):
             wall += step.seconds
-            predicted += pool_spec.steps.seconds(step.work) * (1 + pool_spec.interference * step.beside_busy)
+            predicted += pool_spec.slowed(pool_spec.steps.seconds(step.work), step.beside_busy)
     return wall / predicted if predicted > 0 else float("nan")
 
 

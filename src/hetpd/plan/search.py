@@ -226,8 +226,11 @@ def build_config(candidate: Candidate, scenario: Scenario, catalog: Catalog, mod
     handoff = plan_handoff(format_for(fingerprint, "bf16"), format_for(fingerprint, KV_ENCODING[c.kv_format]),
                            wire=format_for(fingerprint, KV_ENCODING[c.wire_format]))
     p_fmt, d_fmt = _compute(p_acc, c.prefill_weights), _compute(d_acc, c.decode_weights)
-    p_cal, d_cal = ((calibrated.for_pool(p_acc.id, model, p_fmt), calibrated.for_pool(d_acc.id, model, d_fmt))
-                    if calibrated is not None else (PoolCalibration(), PoolCalibration()))
+
+    def measured(acc: Accelerator, fmt: str) -> PoolCalibration:
+        return calibrated.for_pool(acc.id, model, fmt) if calibrated is not None else PoolCalibration()
+
+    p_cal, d_cal = measured(p_acc, p_fmt), measured(d_acc, d_fmt)
     config = SimConfig(
         model,
         PoolSpec(p_acc, c.prefill_count, p_fmt, c.prefill_weights, "bf16", kv_pool_tokens=PREFILL_BATCH_TOKENS * 4,

@@ -76,6 +76,10 @@ class PoolSpec:
     # interference. None of it by default.
     loop: LoopCost = LoopCost()
 
+    def slowed(self, seconds: float, beside_busy: bool) -> float:
+        """A step's engine time when another instance was (or was not) mid-step as it started."""
+        return seconds * (1.0 + self.interference) if beside_busy else seconds
+
 
 @dataclass(frozen=True)
 class SimConfig:
@@ -178,6 +182,12 @@ def pool_coster(config: SimConfig, pool: PoolSpec) -> StepCoster:
     return pool.steps or pool_roofline(config, pool)
 
 
+def _request_of(transfer_id: str) -> str:
+    """The request a transfer id (``str(LeaseKey)``: ``<lease id>@<epoch>``) moves; the simulator
+    opens each lease under its request's id."""
+    return transfer_id.rsplit("@", 1)[0]
+
+
 def check_pools(config: SimConfig) -> None:
     """A deployment to simulate has at least one instance in each pool it uses."""
     if config.prefill.count < 1:
@@ -233,7 +243,7 @@ class _Simulation:
                 self.producer_of[key] = chosen
                 self.kick(chosen, now)
             elif kind == "transfer_done":
-                request_id = key.split("@")[0]
+                request_id = _request_of(key)
                 self.between_steps(self.producer_of.get(request_id), now, partial(self.settled, Side.PRODUCER, key))
                 self.between_steps(self.target.get(request_id), now, partial(self.settled, Side.CONSUMER, key))
             elif kind == "step":
@@ -259,8 +269,8 @@ class _Simulation:
 
     def tick(self, now: float) -> None:
         """What a worker's lease timer does: keepalives, expiry, forgetting old leases."""
-        for side, table in ((Side.PRODUCER, self.producers), (Side.CONSUMER, self.consumers)):
-            ticked = table.tick(now)
+        for side in (Side.PRODUCER, Side.CONSUMER):
+            ticked = self.leases(side).tick(now)
             self.expired += len(ticked.expired)
             self.apply(side, ticked, now)
         self.ticking = self.producers.live() + self.consumers.live() > 0
@@ -287,9 +297,8 @@ class _Simulation:
             return
         self.preemptions += len(output.preempted)
         work = step_work(output)
-        seconds = inst.coster.seconds(work)
-        if inst.pool.interference and any(other.current is not None for other in self.by_name.values()):
-            seconds *= 1.0 + inst.pool.interference  # (inst itself is idle: it is starting a step)
+        beside_busy = any(other.current is not None for other in self.by_name.values())  # (inst is idle: starting)
+        seconds = inst.pool.slowed(inst.coster.seconds(work), beside_busy)
         # The worker loop's own work follows the engine step (the served loop streams the step's
         # tokens first, then offers, polls and ticks): the instance stays busy, its tokens do not wait.
         inst.loop_s = inst.pool.loop.seconds(work)
@@ -372,13 +381,14 @@ class _Simulation:
         for transfer_id in starts:
             self.transfer(transfer_id, now)
 
+    def leases(self, side: Side) -> ProducerLeases | ConsumerLeases:
+        return self.consumers if side is Side.CONSUMER else self.producers
+
     def deliver(self, to: Side, message: Message, now: float) -> None:
-        table = self.consumers if to is Side.CONSUMER else self.producers
-        self.apply(to, table.receive(message, now), now)
+        self.apply(to, self.leases(to).receive(message, now), now)
 
     def settled(self, side: Side, transfer_id: str, now: float) -> None:
-        table = self.consumers if side is Side.CONSUMER else self.producers
-        self.apply(side, table.transfer_settled(transfer_id, TransferOutcome.COMPLETED, now), now)
+        self.apply(side, self.leases(side).transfer_settled(transfer_id, TransferOutcome.COMPLETED, now), now)
 
     def admit(self, offer: ReserveRequest, now: float) -> None:
         spec = self.specs[offer.request_id]
@@ -395,7 +405,7 @@ class _Simulation:
         self.apply(Side.CONSUMER, self.consumers.reserve(offer, chosen.allocator.allocate(need), nbytes, now), now)
 
     def transfer(self, transfer_id: str, now: float) -> None:
-        request_id = transfer_id.split("@")[0]
+        request_id = _request_of(transfer_id)
         cfg = self.cfg
         cost = handoff_time(cfg.model, cfg.wire_fmt, self.specs[request_id].input_tokens, cfg.link, cfg.page_tokens,
                             conversion_gbps=cfg.conversion_gbps)

@@ -85,9 +85,7 @@ class MeasuredSteps:
         line = (self.overhead + max(self.weights, self.prefill_token * work.prefill_tokens
                                     + self.decode_seq * work.decode_seqs)
                 + self.prefill_pair * work.prefill_pairs + self.decode_context * work.decode_context)
-        if not work.prefill_tokens and 0 < work.decode_seqs <= len(self.decode_batch_factor):
-            return line * self.decode_batch_factor[work.decode_seqs - 1]
-        return line
+        return line * _batch_factor(self.decode_batch_factor, work)
 
     def as_dict(self) -> dict[str, Any]:
         raw: dict[str, Any] = asdict(self)
@@ -189,8 +187,20 @@ def fit_steps(samples: Sequence[tuple[StepWork, float]]) -> StepFit:
     candidates = [solve(floor) for floor in itertools.chain([0.0], sorted(set(float(t) * f for t in times
                                                                                 for f in (0.5, 0.8, 1.0))))]
     _, best = min((c for c in candidates if c is not None), key=lambda c: c[0])
-    errors = sorted(abs(best.seconds(w) - s) / s for w, s in samples)
-    return StepFit(best, errors[len(errors) // 2], errors[-1])
+    return _fit_of(best, samples)
+
+
+def _fit_of(model: MeasuredSteps, samples: Sequence[tuple[StepWork, float]]) -> StepFit:
+    errors = sorted(abs(model.seconds(w) - s) / s for w, s in samples)
+    return StepFit(model, errors[len(errors) // 2], errors[-1])
+
+
+def _batch_factor(factors: tuple[float, ...], work: StepWork) -> float:
+    """The factor of ``factors`` (one per decode batch size from 1) a step takes: its batch's if it
+    only decodes and the batch has one, else 1."""
+    if not work.prefill_tokens and 0 < work.decode_seqs <= len(factors):
+        return factors[work.decode_seqs - 1]
+    return 1.0
 
 
 MIN_BATCH_SAMPLES = 3  # decode-only steps of one batch size needed to give it its own factor
@@ -224,12 +234,5 @@ def fit_steps_by_batch(samples: Sequence[tuple[StepWork, float]], rounds: int = 
         typical = statistics.median(factors) if factors else 1.0
         factors = tuple(f / typical for f in factors)
 
-        def unbiased(work: StepWork, seconds: float) -> float:
-            if not work.prefill_tokens and 0 < work.decode_seqs <= len(factors):
-                return seconds / factors[work.decode_seqs - 1]
-            return seconds
-
-        fit = fit_steps([(w, unbiased(w, s)) for w, s in samples])
-    model = dataclasses.replace(fit.model, decode_batch_factor=batch_factors(fit.model, samples))
-    errors = sorted(abs(model.seconds(w) - s) / s for w, s in samples)
-    return StepFit(model, errors[len(errors) // 2], errors[-1])
+        fit = fit_steps([(w, s / _batch_factor(factors, w)) for w, s in samples])
+    return _fit_of(dataclasses.replace(fit.model, decode_batch_factor=batch_factors(fit.model, samples)), samples)
