@@ -2,9 +2,9 @@
 
 A reduced version of benchmarks/fidelity.py (which runs colocated and 1P1D at three loads with
 60 requests each and holds TTFT and TPOT medians to 15%, goodput to 10%): one prefill and one
-decode worker, one medium load, 12 requests, a quick profile, and the step models refitted to a
-calibration loads of 12 requests each (0.6 and 0.9 of capacity) the deployment served first. Twelve requests make a median
-that moves by a request's worth, so the bounds here are wider; a simulator off by a factor
+decode worker, one medium load, 12 requests, a quick profile, and the step models refitted to two
+calibration loads of 12 requests each (0.6 and 0.9 of capacity) the deployment served first.
+Twelve requests make a median that moves by a request's worth, so the bounds here are wider; a simulator off by a factor
 (a wrong step model, a missing handoff, queueing in the wrong place) still fails it.
 """
 

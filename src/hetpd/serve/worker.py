@@ -219,14 +219,14 @@ class Worker:
             # (2 ms) without spinning a core the engines next door need. Idle: 20 ms.
             wait = 0.0 if self.engine.has_unfinished() else 0.002 if self._live_leases() else 0.02
             try:
-                first: dict[str, Any] | None = self.inbox.get(timeout=wait) if wait else self.inbox.get_nowait()
+                message: dict[str, Any] | None = self.inbox.get(timeout=wait) if wait else self.inbox.get_nowait()
             except queue.Empty:
-                first = None
+                message = None
             self._iteration_start = time.monotonic()  # waiting for a message is idleness, not the loop's work
             try:
-                while first is not None:
-                    self._handle_safely(first)
-                    first = self.inbox.get_nowait()
+                while message is not None:
+                    self._handle_safely(message)
+                    message = self.inbox.get_nowait()
             except queue.Empty:
                 pass
             if self.stopping.is_set():
