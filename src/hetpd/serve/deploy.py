@@ -47,6 +47,8 @@ class PoolConfig(_Strict):
     kv_cache_memory_gb: float = Field(0.5, gt=0)
     max_num_seqs: int = Field(16, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=16)
+    max_step_s: float | None = Field(None, gt=0, description="size prompt chunks so one engine step takes about "
+                                                             "this long on this device (measured at start-up)")
     transport: Transport = "shm"
 
     @field_validator("kv_cache_dtype")
@@ -59,9 +61,42 @@ class RouterConfig(_Strict):
     host: str = "127.0.0.1"  # localhost by default: expose deliberately
     port: int = Field(8000, ge=0, le=65535)
     control_port: int = Field(0, ge=0, le=65535, description="where workers connect; 0 = any free port")
-    api_key: str | None = Field(None, description="Bearer token required on /v1/*; env HETPD_API_KEY also works")
-    secret: str | None = Field(None, description="shared secret of worker<->router control; generated if unset")
+    api_key: str | None = Field(None, description="Bearer token required on /v1/* and /metrics; env HETPD_API_KEY "
+                                                  "or api_key_file also work")
+    api_key_file: str | None = Field(None, description="a file holding the API key (kept off command lines)")
+    secret: str | None = Field(None, description="shared secret of worker<->router control and the KV data plane; "
+                                                 "env HETPD_SECRET or secret_file also work; generated if unset")
+    secret_file: str | None = Field(None, description="a file holding the shared secret")
     max_queue: int = Field(64, ge=0, description="requests waiting for capacity before 503 + Retry-After")
+    metrics_public: bool = Field(False, description="serve /metrics without the API key even when one is set")
+    max_body_bytes: int = Field(16 << 20, ge=1024, description="largest HTTP request body; larger ones get 413")
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection must send a request's headers within this")
+    body_timeout_s: float = Field(30.0, gt=0, description="and its body within this, once the headers arrived")
+
+
+class SuperviseConfig(_Strict):
+    """How ``hetpd serve`` keeps its workers alive and notices the ones that stop answering.
+
+    Every worker sends the router a heartbeat from a thread of its own, so a long engine step
+    does not silence it; a frozen or dead process does."""
+
+    heartbeat_s: float = Field(0.5, gt=0, description="how often a worker tells the router it is alive")
+    unresponsive_s: float = Field(3.0, gt=0, description="a worker silent this long gets no new requests, and its "
+                                                         "requests in flight move to other workers")
+    kill_after_s: float = Field(30.0, gt=0, description="a worker of this hetpd serve silent this long is killed "
+                                                        "(and restarted, if restart is on)")
+    restart: bool = Field(True, description="restart a worker of this hetpd serve that exited")
+    max_restarts: int = Field(5, ge=0, description="restarts per worker within restart_window_s before giving up")
+    restart_window_s: float = Field(300.0, gt=0)
+    restart_backoff_s: float = Field(1.0, ge=0, description="wait before the first restart; doubles per restart in "
+                                                            "the window")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SuperviseConfig:
+        if not self.heartbeat_s < self.unresponsive_s < self.kill_after_s:
+            raise ValueError(f"supervise: need heartbeat_s ({self.heartbeat_s}) < unresponsive_s "
+                             f"({self.unresponsive_s}) < kill_after_s ({self.kill_after_s})")
+        return self
 
 
 class HandoffConfig(_Strict):
@@ -84,6 +119,7 @@ class DeploymentConfig(_Strict):
     router: RouterConfig = RouterConfig()
     pools: list[PoolConfig]
     handoff: HandoffConfig = HandoffConfig()
+    supervise: SuperviseConfig = SuperviseConfig()
 
     @model_validator(mode="after")
     def _pools_make_a_deployment(self) -> DeploymentConfig:
