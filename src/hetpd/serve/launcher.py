@@ -27,6 +27,7 @@ from hetpd.models.tokenizer import Tokenizer
 from hetpd.serve.api import build_app
 from hetpd.serve.control import new_secret
 from hetpd.serve.deploy import DeploymentConfig
+from hetpd.serve.http_guard import server_config
 from hetpd.serve.router import Router
 
 READY_TIMEOUT_S = 600.0
@@ -90,7 +91,7 @@ async def serve(deploy: DeploymentConfig, sample_request: str | None = None, por
     app = build_app(router, tokenizer, deploy.model_name, api_key)
     app.router.lifespan_context = lifespan
     http_port = deploy.router.port if port is None else port
-    server = uvicorn.Server(uvicorn.Config(app, host=deploy.router.host, port=http_port, log_level="warning"))
+    server = uvicorn.Server(server_config(app, deploy.router, http_port))
     serving = asyncio.create_task(server.serve())
     try:
         while not server.started:
