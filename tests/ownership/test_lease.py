@@ -301,6 +301,17 @@ def test_heartbeats_keep_a_lease_alive_past_its_ttl() -> None:
     assert pair.c.tick(26.0).expired == (KEY,)
 
 
+def test_renewal_by_a_voucher_keeps_live_leases_and_leaves_ended_ones() -> None:
+    pair = Pair()
+    pair.admit(now=0.0)
+    # The producer's engine is busy (no message for 25 s) but its process is vouched for.
+    for now in (6.0, 12.0, 18.0):
+        assert pair.c.renew(["L", "unknown"], now) == 1
+        assert pair.c.tick(now + 5.0).expired == ()
+    assert pair.c.tick(28.0).expired == (KEY,)  # vouching stopped: the ttl runs out as usual
+    assert pair.c.renew(["L"], 29.0) == 0  # an ended lease is never revived
+
+
 def test_tick_sends_keepalives_and_re_offers_until_answered() -> None:
     pair = Pair()
     pair.open(now=0.0)

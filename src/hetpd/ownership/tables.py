@@ -16,7 +16,7 @@ Messages about unknown leases (the peer restarted, or the lease was forgotten) n
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Generic, TypeVar
 
@@ -90,6 +90,19 @@ class _Table(Generic[_L]):
         if lease is None:
             return ignored(f"unknown lease {lease_id!r}")
         return self._track(lease, lease.abort(now, detail))
+
+    def renew(self, lease_ids: Iterable[str], now: float) -> int:
+        """The peer of these leases is known to be alive (a third party vouches for its process,
+        e.g. its heartbeats reach the router while its engine is busy): renew their newest
+        attempts as a message from the peer would. Ended or unknown leases are left alone.
+        Returns how many were renewed."""
+        renewed = 0
+        for lease_id in lease_ids:
+            lease = self.get(lease_id)
+            if lease is not None and lease.live:
+                lease.renew(now)
+                renewed += 1
+        return renewed
 
     def transfer_settled(self, transfer_id: str, outcome: TransferOutcome, now: float) -> Step:
         """The transport reports this side's end of ``transfer_id`` is over (completed, failed
