@@ -15,10 +15,13 @@ Sections (``SECTIONS``; each is one function, add the KV conversion-cost section
 * **conversion** (``kv_conversion.py``): each KV representation conversion through bytes
   (unpack, convert, pack) in GB/s of producer bytes, beside a plain copy of the same bytes.
 
-Each transport runs with checksums (the default) and without (``verify=False`` on both sides).
-For every size the variants are interleaved (raw, transport, transport without checksum, the
-order rotating each repeat) and repeated; we report medians of throughput and the median of
-the per-repeat ratios, which is what survives a noisy shared machine.
+Each transport runs keyless with checksums (xxh3, the default), keyless without
+(``verify=False`` on both sides), and keyed (``key=``: handshake, transfer tags and keyed
+BLAKE3 piece MACs, what ``hetpd serve`` runs). For every size the variants are interleaved
+(raw, transport, transport without checksum, keyed; the order rotating each repeat) and
+repeated; we report medians of throughput and the median of the per-repeat ratios, which is
+what survives a noisy shared machine. ``keyed/xxh3`` is the MAC's cost: keyed throughput over
+keyless-checksummed throughput (1.0: free).
 
 Run from the repository root:  .venv/bin/python benchmarks/kv_transfer.py [--quick]
 Writes benchmarks/results/kv_transfer.json, .txt (the table) and .png.
@@ -31,6 +34,7 @@ import datetime as dt
 import json
 import os
 import platform
+import secrets
 import select
 import socket
 import statistics
@@ -59,7 +63,10 @@ SIZES_MIB = [1, 4, 16, 64, 256]
 QUICK_SIZES_MIB = [1, 4, 16]
 TARGET_RATIO = 0.80  # transport / raw throughput at >= 16 MiB
 TARGET_CHECKSUM_OVERHEAD = 0.10
-RECEIVERS = {"shm": ("shm", True), "shm_nc": ("shm", False), "tcp": ("tcp", True), "tcp_nc": ("tcp", False)}
+# receiver name -> (backend, verify, keyed)
+RECEIVERS = {"shm": ("shm", True, False), "shm_nc": ("shm", False, False), "shm_key": ("shm", True, True),
+             "tcp": ("tcp", True, False), "tcp_nc": ("tcp", False, False), "tcp_key": ("tcp", True, True)}
+KEY_ENV = "HETPD_BENCH_KEY"  # the parent's random key, hex, handed to the child process
 
 
 def log(message: str) -> None:
@@ -78,8 +85,10 @@ def child(max_size: int) -> None:
     """The receiving process: one region shared by every receiver, plus the raw TCP server.
     Driven by JSON lines on stdin (no pickle anywhere)."""
     region = prefaulted(max_size)
-    receivers = {key: make_receiver(backend, verify=verify) for key, (backend, verify) in RECEIVERS.items()}
-    descriptors = {key: r.register_region("kv", region).to_dict() for key, r in receivers.items()}
+    key = bytes.fromhex(os.environ[KEY_ENV])
+    receivers = {name: make_receiver(backend, verify=verify, key=key if keyed else None)
+                 for name, (backend, verify, keyed) in RECEIVERS.items()}
+    descriptors = {name: r.register_region("kv", region).to_dict() for name, r in receivers.items()}
     server = socket.create_server(("127.0.0.1", 0))
 
     def raw_server() -> None:
@@ -116,9 +125,10 @@ def child(max_size: int) -> None:
 
 
 class Peer:
-    def __init__(self, max_size: int) -> None:
+    def __init__(self, max_size: int, key: bytes) -> None:
         self.proc = subprocess.Popen([sys.executable, __file__, "--child", str(max_size)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+                                     stdout=subprocess.PIPE, text=True, bufsize=1,
+                                     env={**os.environ, KEY_ENV: key.hex()})
         hello = self._read()
         self.descriptors = {k: RegionDescriptor.from_dict(v) for k, v in hello["descriptors"].items()}
         self.raw_port: int = hello["raw_port"]
@@ -155,6 +165,9 @@ class Row:
     nocheck_ratio: float
     checksum_overhead: float  # median over repeats of 1 - transport / transport-without-checksum
     repeats: int
+    keyed_gbps: float = 0.0  # keyed: handshake, tags, keyed BLAKE3 MACs
+    keyed_ratio: float = 0.0  # median over repeats of keyed / raw
+    keyed_vs_checksum: float = 0.0  # median over repeats of keyed / keyless-checksummed throughput
 
 
 @dataclass
@@ -162,6 +175,7 @@ class Context:
     peer: Peer
     sizes: list[int]
     repeats: int
+    key: bytes
     counter: int = 0
 
     def tid(self) -> str:
@@ -193,19 +207,22 @@ def interleaved(ctx: Context, section: str, size: int, variants: dict[str, Calla
             log(f"{section:4s} {size // MIB:4d} MiB rep {rep + 1}/{ctx.repeats} {name:9s} "
                 f"{size / elapsed / 1e9:7.2f} GB/s")
     gbps = {name: statistics.median(size / t / 1e9 for t in ts) for name, ts in times.items()}
-    raw, tr, nc = times["raw"], times["transport"], times["no_check"]
+    raw, tr, nc, kd = times["raw"], times["transport"], times["no_check"], times["keyed"]
     return Row(section, size // MIB, gbps["raw"], gbps["transport"], gbps["no_check"],
                ratio=statistics.median(r / t for r, t in zip(raw, tr)),
                nocheck_ratio=statistics.median(r / n for r, n in zip(raw, nc)),
                checksum_overhead=statistics.median(1 - n / t for n, t in zip(nc, tr)),
-               repeats=ctx.repeats)
+               repeats=ctx.repeats, keyed_gbps=gbps["keyed"],
+               keyed_ratio=statistics.median(r / k for r, k in zip(raw, kd)),
+               keyed_vs_checksum=statistics.median(t / k for t, k in zip(tr, kd)))
 
 
 def shm_section(ctx: Context) -> list[Row]:
     largest = max(ctx.sizes) * MIB
     src, dst = prefaulted(largest, 7), prefaulted(largest)
     src[:] = np.random.default_rng(0).integers(0, 256, largest, dtype=np.uint8)
-    senders = {"shm": make_sender("shm"), "shm_nc": make_sender("shm", verify=False)}
+    senders = {"shm": make_sender("shm"), "shm_nc": make_sender("shm", verify=False),
+               "shm_key": make_sender("shm", key=ctx.key)}
     for sender in senders.values():
         np.frombuffer(sender.allocate_region("src", largest), dtype=np.uint8)[:] = src  # producer writes here
     rows = []
@@ -222,6 +239,7 @@ def shm_section(ctx: Context) -> list[Row]:
                 "raw": raw,
                 "transport": lambda size=size: timed_transfer(ctx, senders["shm"], "shm", size),  # type: ignore[misc]
                 "no_check": lambda size=size: timed_transfer(ctx, senders["shm_nc"], "shm_nc", size),  # type: ignore[misc]
+                "keyed": lambda size=size: timed_transfer(ctx, senders["shm_key"], "shm_key", size),  # type: ignore[misc]
             }))
     finally:
         for sender in senders.values():
@@ -232,7 +250,8 @@ def shm_section(ctx: Context) -> list[Row]:
 def tcp_section(ctx: Context) -> list[Row]:
     largest = max(ctx.sizes) * MIB
     src = np.random.default_rng(1).integers(0, 256, largest, dtype=np.uint8)
-    senders = {"tcp": make_sender("tcp"), "tcp_nc": make_sender("tcp", verify=False)}
+    senders = {"tcp": make_sender("tcp"), "tcp_nc": make_sender("tcp", verify=False),
+               "tcp_key": make_sender("tcp", key=ctx.key)}
     for sender in senders.values():
         sender.register_region("src", src)
     raw_sock = socket.create_connection(("127.0.0.1", ctx.peer.raw_port))
@@ -256,6 +275,7 @@ def tcp_section(ctx: Context) -> list[Row]:
                 "raw": raw,
                 "transport": lambda size=size: timed_transfer(ctx, senders["tcp"], "tcp", size),  # type: ignore[misc]
                 "no_check": lambda size=size: timed_transfer(ctx, senders["tcp_nc"], "tcp_nc", size),  # type: ignore[misc]
+                "keyed": lambda size=size: timed_transfer(ctx, senders["tcp_key"], "tcp_key", size),  # type: ignore[misc]
             }))
     finally:
         raw_sock.close()
@@ -270,15 +290,16 @@ SECTIONS: list[Callable[[Context], list[Row]]] = [shm_section, tcp_section]
 
 # ---------------------------------------------------------------------------- reporting
 def table(rows: list[Row]) -> str:
-    lines = [f"{'path':5s} {'MiB':>5s} {'raw GB/s':>9s} {'xport GB/s':>10s} {'no-cksum':>9s} "
-             f"{'xport/raw':>9s} {'nock/raw':>9s} {'cksum ovh':>9s}  target"]
+    lines = [f"{'path':5s} {'MiB':>5s} {'raw GB/s':>9s} {'xport GB/s':>10s} {'no-cksum':>9s} {'keyed':>9s} "
+             f"{'xport/raw':>9s} {'nock/raw':>9s} {'keyed/raw':>9s} {'cksum ovh':>9s} {'keyed/xxh3':>10s}  target"]
     for r in rows:
         meets = ""
         if r.size_mib >= 16:  # the targets apply from 16 MiB
             meets = (f"ratio {'met' if r.ratio >= TARGET_RATIO else 'MISSED'}, "
                      f"checksum {'met' if r.checksum_overhead < TARGET_CHECKSUM_OVERHEAD else 'MISSED'}")
         lines.append(f"{r.section:5s} {r.size_mib:5d} {r.raw_gbps:9.2f} {r.transport_gbps:10.2f} {r.nocheck_gbps:9.2f} "
-                     f"{r.ratio:9.2f} {r.nocheck_ratio:9.2f} {r.checksum_overhead:9.1%}  {meets}")
+                     f"{r.keyed_gbps:9.2f} {r.ratio:9.2f} {r.nocheck_ratio:9.2f} {r.keyed_ratio:9.2f} "
+                     f"{r.checksum_overhead:9.1%} {r.keyed_vs_checksum:10.2f}  {meets}")
     return "\n".join(lines)
 
 
@@ -293,8 +314,9 @@ def plot(rows: list[Row], conversions: list[kv_conversion.ConversionResult], pat
         mine = [r for r in rows if r.section == section]
         sizes = [r.size_mib for r in mine]
         ax.plot(sizes, [r.raw_gbps for r in mine], "k--o", label="raw path")
-        ax.plot(sizes, [r.transport_gbps for r in mine], "-o", label="transport (checksum)")
+        ax.plot(sizes, [r.transport_gbps for r in mine], "-o", label="transport (xxh3 checksum)")
         ax.plot(sizes, [r.nocheck_gbps for r in mine], "-s", label="transport, no checksum")
+        ax.plot(sizes, [r.keyed_gbps for r in mine], "-^", label="transport, keyed (BLAKE3 MAC)")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("transfer size (MiB)")
         ax.set_ylabel("GB/s (median)")
@@ -327,8 +349,9 @@ def main() -> None:
     repeats = args.repeats or (3 if args.quick else 5)
     load_before = os.getloadavg()
     log(f"load average {load_before}; sizes {sizes} MiB, {repeats} repeats")
-    peer = Peer(max(sizes) * MIB)
-    ctx = Context(peer, sizes, repeats)
+    key = secrets.token_bytes(32)  # a deployment secret; both sides of the keyed variants hold it
+    peer = Peer(max(sizes) * MIB, key)
+    ctx = Context(peer, sizes, repeats, key)
     rows: list[Row] = []
     try:
         for section in SECTIONS:

@@ -53,13 +53,15 @@ def spans_json(spans: list[Span]) -> list[list[int]]:
 class Peer:
     """A ``peer.py`` process; ``call`` sends one command and returns its reply (bounded wait)."""
 
-    def __init__(self, role: str, backend: str, size: int, seed: int = 0, fault: FaultInjection | None = None) -> None:
+    def __init__(self, role: str, backend: str, size: int, seed: int = 0, fault: FaultInjection | None = None,
+                 key: bytes | None = None) -> None:
         args = [sys.executable, str(PEER), role, backend, str(size), str(seed)]
         if fault is not None:
             args.append(json.dumps({"transfer_id": fault.transfer_id, "src_offset": fault.src_offset}))
+        env = {**os.environ, "HETPD_TEST_KEY": key.hex() if key is not None else ""}
         self.stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-                                     text=True, bufsize=1)
+                                     text=True, bufsize=1, env=env)
         ready = self._read()
         self.descriptor = RegionDescriptor.from_dict(ready["descriptor"])
 
@@ -116,14 +118,14 @@ def expected_region(size: int, spans: list[Span], source: bytes) -> bytearray:
 SIZE = 3 << 20
 
 
-def round_trip_many_spans(backend: str, seed: int = 1) -> None:
+def round_trip_many_spans(backend: str, seed: int = 1, key: bytes | None = None) -> None:
     """Sender here, receiver in another process; 64 scattered spans in three posts."""
     rng = random.Random(seed)
     spans = scattered_spans(rng, SIZE, 64, 200_000)
     source = source_bytes(SIZE, seed)
-    peer = Peer("receiver", backend, SIZE)
+    peer = Peer("receiver", backend, SIZE, key=key)
     try:
-        with make_sender(backend) as sender:
+        with make_sender(backend, key=key) as sender:
             sender.register_region("src", source)
             assert peer.call("expect", tid="t") == {"ok": True}
             sender.post("t", "src", peer.descriptor, spans[:10], final=False)
@@ -140,12 +142,12 @@ def round_trip_many_spans(backend: str, seed: int = 1) -> None:
         peer.close()
 
 
-def checksum_mismatch_fails(backend: str) -> None:
+def checksum_mismatch_fails(backend: str, key: bytes | None = None) -> None:
     spans = [Span(0, 0, 1 << 20), Span(2 << 20, 1 << 20, 1 << 20)]
     fault = FaultInjection("bad", (2 << 20) + 12345)
-    peer = Peer("receiver", backend, SIZE)
+    peer = Peer("receiver", backend, SIZE, key=key)
     try:
-        with make_sender(backend, fault=fault) as sender:
+        with make_sender(backend, fault=fault, key=key) as sender:
             sender.register_region("src", source_bytes(SIZE, 2))
             peer.call("expect", tid="bad")
             sender.post("bad", "src", peer.descriptor, spans, final=True)

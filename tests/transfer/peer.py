@@ -6,6 +6,8 @@
 The first line printed is ``{"ready": true, "descriptor": ...}``. Commands: expect, wait, poll,
 cancel, dump (region bytes to a file), post (sender), stream (sender: post forever until killed),
 quit. Everything real: the backend's own sockets, shared memory and threads.
+
+``HETPD_TEST_KEY`` (hex) in the environment: the key both ends are made with (none if unset).
 """
 
 from __future__ import annotations
@@ -34,13 +36,14 @@ def main() -> None:
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     reply = lambda obj: print(json.dumps(obj), file=replies, flush=True)  # noqa: E731
+    key = bytes.fromhex(os.environ["HETPD_TEST_KEY"]) if os.environ.get("HETPD_TEST_KEY") else None
     if role == "receiver":
-        endpoint: Any = make_receiver(backend)
+        endpoint: Any = make_receiver(backend, key=key)
         region = bytearray(size)
         descriptor = endpoint.register_region("kv", region)
     else:
         fault = json.loads(sys.argv[5]) if len(sys.argv) > 5 else None
-        endpoint = make_sender(backend, fault=FaultInjection(**fault) if fault else None)
+        endpoint = make_sender(backend, fault=FaultInjection(**fault) if fault else None, key=key)
         region = source_bytes(size, int(sys.argv[4]))
         descriptor = endpoint.register_region("src", region)
     reply({"ready": True, "descriptor": descriptor.to_dict()})
@@ -49,7 +52,7 @@ def main() -> None:
         op = cmd["cmd"]
         try:
             if op == "expect":
-                endpoint.expect(cmd["tid"], "kv")
+                endpoint.expect(cmd["tid"], "kv", cmd.get("nbytes"))
                 reply({"ok": True})
             elif op == "wait":
                 reply(result_dict(endpoint.wait(cmd["tid"], cmd["timeout"])))

@@ -153,7 +153,7 @@ class ConsumerEndpoint(Endpoint):
         key = LeaseKey(offer.lease_id, offer.epoch)
         staging = bytearray(nbytes)
         descriptor = self.receiver.register_region(str(key), staging)
-        self.receiver.expect(str(key), str(key))
+        self.receiver.expect(str(key), str(key), nbytes=nbytes)  # a short or empty "final" never commits
         self._incoming[key] = _Incoming(offer.request_id, offer.meta, staging)
         self.on_step(offer.request_id, "reserve")
         self._run(self.leases.reserve(offer, reservation.blocks, nbytes, now, meta=json.dumps(descriptor.to_dict())),

@@ -1,7 +1,8 @@
 """KV byte transports: move a request's KV bytes from the prefill side to the decode side.
 
-Bytes only, no torch. ``base`` is the interface; backends: ``inproc``, ``shm``, ``tcp``,
-``nixl``; ``factory.make_sender`` / ``make_receiver`` pick one by name.
+Bytes only, no torch. ``base`` is the interface (and the rules, keyed and keyless); backends:
+``inproc``, ``shm``, ``tcp``, ``nixl``; ``factory.make_sender`` / ``make_receiver`` pick one by
+name; ``auth`` holds the key derivation and the connection handshake of the keyed mode.
 """
 
 from __future__ import annotations

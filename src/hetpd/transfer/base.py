@@ -14,9 +14,29 @@ Rules every backend follows (tested for each in ``tests/transfer``):
   straight into the region. Hence, once :meth:`TransferReceiver.cancel` returns, or a result
   for a transfer was delivered, no further byte of that transfer lands in the region. This
   is what lets the ownership layer free or reuse pages safely.
-* **Integrity**: every piece of payload carries an xxh3-64 checksum taken by the sender; the
+* **Integrity**: every piece of payload carries an integrity value taken by the sender; the
   receiver hashes what landed and a mismatch makes the transfer FAILED with a message naming
-  the transfer and the span. A transfer is never reported OK with unverified bytes.
+  the transfer and the span and containing "checksum". A transfer is never reported OK with
+  unverified bytes, nor after a final post that came before the bytes ``expect`` asked for.
+* **Two modes**, chosen by the ``key`` every network sender and receiver takes:
+
+  - *with a key* (the deployment's shared secret; ``hetpd serve`` always passes one): every
+    connection to a receiver starts with a mutual HMAC-SHA256 handshake (``auth``), so
+    neither side talks to a stranger or an impostor; every data message carries a tag
+    derived from the key, the receiver's token and the transfer id, checked before the
+    message may bind the transfer or land a byte (a bad tag drops the connection and never
+    touches the transfer); each piece's integrity value is a keyed BLAKE3 MAC over its
+    destination offset, length and payload. A stranger can neither bind, inject, nor fail a
+    transfer;
+  - *without a key*: xxh3-64 checksums and no handshake: any process that reaches the port
+    and names a live transfer id can bind it. Only for a single trusted process or host
+    (tests, benchmarks). ``inproc`` accepts a key and ignores it: nothing crosses a process.
+* **Bounded resources per peer** (keyed or not): a listener reads only a small, bounded first
+  frame before a peer proved itself (the handshake, or without a key a valid first frame),
+  closes a connection that has not within the handshake timeout (5 s by default), allocates
+  per-connection buffers only afterwards, and holds at most ``max_conns_per_peer`` (8) live
+  connections per peer IP address and ``max_conns`` (64) in all; the rest are closed at
+  accept. A connection's thread ends when it closes.
 * **No hangs**: a dead peer fails in-flight transfers promptly; ``wait`` always honours its
   timeout and returns TIMED_OUT rather than blocking.
 * **Bad input** (span out of bounds, unknown transfer id or region) raises ``ValueError``
@@ -115,10 +135,15 @@ class FaultInjection:
     covers. Push backends send a corrupted copy of that piece (the source is untouched); pull
     backends flip the byte in the exposed source memory before telling the receiver. Exists
     so tests exercise the real checksum path end to end without mocking a backend.
+    ``transfer_id`` ``"*"`` (:data:`ANY_TRANSFER`) picks the first transfer the sender posts:
+    a served deployment's ids are random.
     """
 
     transfer_id: str
     src_offset: int
+
+
+ANY_TRANSFER = "*"
 
 
 def writable_view(buffer: Buffer, what: str) -> memoryview:
@@ -178,9 +203,9 @@ class TransferReceiver(_Closable):
     :meth:`poll`, no further byte of that transfer lands in any registered region: late data
     is drained and dropped. Bytes are never reported OK unless their checksum matched.
 
-    Protocol: ``register_region`` -> hand the descriptor to the sender -> ``expect(tid, region)``
-    before the sender posts (data for a transfer not expected is refused, never written) ->
-    ``wait``/``poll`` -> the result (OK, FAILED, CANCELLED), delivered once.
+    Protocol: ``register_region`` -> hand the descriptor to the sender -> ``expect(tid, region,
+    nbytes)`` before the sender posts (data for a transfer not expected is refused, never
+    written) -> ``wait``/``poll`` -> the result (OK, FAILED, CANCELLED), delivered once.
     """
 
     backend: str
@@ -194,9 +219,14 @@ class TransferReceiver(_Closable):
         """Forget a region; ValueError if unknown or if a live transfer targets it."""
 
     @abstractmethod
-    def expect(self, transfer_id: str, region: str) -> None:
-        """Accept transfer ``transfer_id`` into ``region``; ValueError if the region is unknown
-        or the id is already live."""
+    def expect(self, transfer_id: str, region: str, nbytes: int | None = None) -> None:
+        """Accept transfer ``transfer_id`` into ``region``; ValueError if the region is unknown,
+        the id is already live, or ``nbytes`` is not None nor an int in ``[0, region length]``.
+
+        ``nbytes``: how many verified payload bytes must have landed when the final post
+        arrives; a final post after fewer (none, e.g. an empty final post) or more ends the
+        transfer FAILED ("final post after X of N expected bytes"), never OK. None: not
+        checked (callers that cannot know the size; any final post then completes it)."""
 
     @abstractmethod
     def wait(self, transfer_id: str, timeout: float) -> TransferResult:

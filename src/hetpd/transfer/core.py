@@ -1,20 +1,27 @@
 """The backend-independent half of every sender and receiver. Pure Python.
 
-:class:`ReceiverCore` keeps the regions, the ledger and the rules (expect before data, one
-peer per transfer, bounds re-checked, checksum verified under the transfer's write lock);
+:class:`ReceiverCore` keeps the regions, the ledger and the rules (expect before data, tags
+checked before a message binds, one peer per transfer, bounds re-checked, checksum or MAC
+verified under the transfer's write lock, a final post counts only after the expected bytes);
 :class:`SenderCore` keeps source regions, validates posts, cuts spans into checksummed pieces
 and turns the receiver's verdicts into results. A backend adds only how bytes and messages
 move (``_send_*`` / ``_tell_peer``).
+
+Both take the deployment key (``key``, None without one); with it, each transfer's tags and
+piece-MAC key are derived once (``auth.TransferAuth``) and kept on its record.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hmac
 import threading
 import uuid
 from abc import abstractmethod
 from collections.abc import Hashable, Iterator, Sequence
 
 from hetpd.transfer.base import (
+    ANY_TRANSFER,
     Buffer,
     FaultInjection,
     RegionDescriptor,
@@ -27,7 +34,8 @@ from hetpd.transfer.base import (
     check_spans,
     writable_view,
 )
-from hetpd.transfer.checksum import PIECE_BYTES, digest, mismatch_message, pieces
+from hetpd.transfer.auth import TransferAuth, check_key, token_bytes
+from hetpd.transfer.checksum import PIECE_BYTES, Hasher, digest, mismatch_message, piece_hasher, pieces
 from hetpd.transfer.ledger import Ledger, TransferRecord
 
 _RECEIVER_HINT = "call expect(transfer_id, region) first; each result is delivered once"
@@ -37,12 +45,16 @@ _SENDER_HINT = "post it first; each result is delivered once"
 class ReceiverCore(TransferReceiver):
     """Regions + ledger + the write rules; subclasses move the bytes."""
 
-    def __init__(self) -> None:
+    _verify = True  # subclasses set it from their ``verify`` option (False: benchmarks only)
+
+    def __init__(self, key: bytes | None = None) -> None:
+        self._key = check_key(key)
         self._regions: dict[str, memoryview] = {}
         self._regions_lock = threading.Lock()
         self._ledger = Ledger(on_end=self._on_end)
         self._closed = False
-        self.token = uuid.uuid4().hex  # names this receiver in its descriptors
+        # Names this receiver in its descriptors (and, with a key, in every derived transfer key).
+        self.token = uuid.uuid4().hex
 
     @abstractmethod
     def _address(self) -> dict[str, str | int]:
@@ -71,13 +83,19 @@ class ReceiverCore(TransferReceiver):
                 raise ValueError(f"region {name!r} has live transfers {live}; wait for or cancel them first")
             del self._regions[name]
 
-    def expect(self, transfer_id: str, region: str) -> None:
+    def expect(self, transfer_id: str, region: str, nbytes: int | None = None) -> None:
         check_name(transfer_id, "transfer_id")
         with self._regions_lock:
-            if region not in self._regions:
+            view = self._regions.get(region)
+            if view is None:
                 raise ValueError(f"unknown region {region!r}; register_region it first "
                                  f"(registered: {sorted(self._regions)})")
-        self._ledger.add(transfer_id, region)
+        if nbytes is not None and (not isinstance(nbytes, int) or isinstance(nbytes, bool)
+                                   or not 0 <= nbytes <= len(view)):
+            raise ValueError(f"nbytes must be None or an int in [0, {len(view)}] (region {region!r}'s length), "
+                             f"got {nbytes!r}")
+        auth = TransferAuth.derive(self._key, self.token, transfer_id) if self._key is not None else None
+        self._ledger.add(transfer_id, region, auth, nbytes)
 
     def wait(self, transfer_id: str, timeout: float) -> TransferResult:
         return self._ledger.wait(transfer_id, timeout, _RECEIVER_HINT)
@@ -94,9 +112,24 @@ class ReceiverCore(TransferReceiver):
         self._ledger.end_where(lambda r: True, TransferStatus.FAILED, "receiver closed")
 
     # ------------------------------------------------------------------ for the data path
+    def _tag_ok(self, transfer_id: str, tag: bytes, final: bool) -> bool:
+        """Whether a data message for ``transfer_id`` carries the right tag (always, without a
+        key). Checked before ``_bind``: a bad tag binds nothing, and the caller drops the
+        connection it came on. Ids not (or no longer) expected are checked too, so a refusal
+        is only ever sent to a peer that knows the key."""
+        if self._key is None:
+            return True
+        record = self._ledger.get(transfer_id)
+        auth = record.auth if record is not None else None
+        if auth is None:
+            auth = TransferAuth.derive(self._key, self.token, transfer_id)
+        return auth.tag_ok(tag, final)
+
     def _bind(self, transfer_id: str, region: str, peer: Hashable) -> TransferRecord | str:
         """The live record that ``peer`` may write into ``region``, or why not (then the caller
-        drops the data and reports the reason to the peer)."""
+        drops the data and reports the reason to the peer). The first peer to name a live
+        transfer binds it: with a key, only a peer that passed the handshake and carries the
+        transfer's tag (``_tag_ok``) gets here."""
         record = self._ledger.get(transfer_id)
         recent = self._ledger.recent(transfer_id) if record is None else None
         if recent is not None:
@@ -134,21 +167,35 @@ class ReceiverCore(TransferReceiver):
             return None
         return region[piece.dst_offset : piece.dst_offset + piece.length]
 
-    def _check_landed(self, record: TransferRecord, piece: Span, expected: int, got: int) -> bool:
-        """Account a piece that landed; a checksum mismatch ends the transfer FAILED. Caller
-        holds ``record.write_lock``."""
-        if expected != got:
+    def _hasher(self, record: TransferRecord, piece: Span) -> Hasher | None:
+        """What hashes ``piece`` as it lands (None when not verifying)."""
+        if not self._verify:
+            return None
+        return piece_hasher(piece, record.auth.piece_key if record.auth is not None else None)
+
+    def _check_landed(self, record: TransferRecord, piece: Span, expected: bytes, got: bytes) -> bool:
+        """Account a piece that landed; a checksum (MAC) mismatch ends the transfer FAILED.
+        Caller holds ``record.write_lock``. Both are b"" when not verifying."""
+        if not hmac.compare_digest(expected, got):
             self._ledger.end_locked(record, TransferStatus.FAILED,
-                                    mismatch_message(record.transfer_id, piece, expected, got))
+                                    mismatch_message(record.transfer_id, piece, expected, got, record.auth is not None))
             return False
         record.nbytes += piece.length
         return True
 
     def _post_done(self, record: TransferRecord, final: bool) -> None:
+        """A post was handled; a final one ends the transfer: OK if the bytes ``expect`` asked
+        for landed (a final post after none or some of them is FAILED, never a short OK)."""
         if final:
             with record.write_lock:
                 record.final_posted = True
-                self._ledger.end_locked(record, TransferStatus.OK)
+                expected = record.expected_nbytes
+                if expected is not None and record.nbytes != expected:
+                    self._ledger.end_locked(record, TransferStatus.FAILED,
+                                            f"transfer {record.transfer_id!r}: final post after {record.nbytes} of "
+                                            f"{expected} expected bytes; the sender must post every byte before final")
+                else:
+                    self._ledger.end_locked(record, TransferStatus.OK)
 
     def _peer_cancelled(self, transfer_id: str, peer: Hashable) -> None:
         record = self._ledger.get(transfer_id)
@@ -171,9 +218,10 @@ class SenderCore(TransferSender):
     _pull = False
 
     def __init__(self, fault: FaultInjection | None = None, piece_bytes: int = PIECE_BYTES,
-                 verify: bool = True) -> None:
+                 verify: bool = True, key: bytes | None = None) -> None:
         if piece_bytes <= 0:
             raise ValueError(f"piece_bytes must be positive, got {piece_bytes}")
+        self._key = check_key(key)
         self._verify = verify  # False only for benchmarks; the receiver must agree
         self._sources: dict[str, memoryview] = {}
         self._ledger = Ledger()
@@ -183,8 +231,9 @@ class SenderCore(TransferSender):
 
     @abstractmethod
     def _send_post(self, record: TransferRecord, src_region: str, dst: RegionDescriptor,
-                   checked: Iterator[tuple[Span, int, memoryview]], final: bool) -> None:
-        """Move the pieces (each with its checksum and payload view), then mark the post's end."""
+                   checked: Iterator[tuple[Span, bytes, memoryview]], final: bool) -> None:
+        """Move the pieces (each with its checksum or MAC, and payload view), then mark the
+        post's end. ``record.auth`` has the transfer's tags when there is a key."""
 
     @abstractmethod
     def _send_cancel(self, record: TransferRecord) -> None:
@@ -238,14 +287,19 @@ class SenderCore(TransferSender):
             raise ValueError(f"transfer_id {transfer_id!r} goes from {record.source!r} to region {record.region!r}; "
                              f"one transfer has one source and one destination region")
         if record is None:
-            record = self._ledger.add(transfer_id, dst.region)
+            auth = None
+            if self._key is not None:
+                receiver = str(dst.address.get("receiver", ""))
+                token_bytes(receiver)  # ValueError unless the descriptor names a receiver
+                auth = TransferAuth.derive(self._key, receiver, transfer_id)
+            record = self._ledger.add(transfer_id, dst.region, auth)
             record.peer = self._peer_key(dst)
             record.source = src_region
         self._prepare(src_region, spans)
         record.final_posted = final
         if record.result is not None:
             return  # the receiver already ended it (verdict waiting in wait/poll): send nothing more
-        self._send_post(record, src_region, dst, self._checked(transfer_id, source, spans), final)
+        self._send_post(record, src_region, dst, self._checked(record, source, spans), final)
 
     def wait(self, transfer_id: str, timeout: float) -> TransferResult:
         return self._ledger.wait(transfer_id, timeout, _SENDER_HINT)
@@ -265,13 +319,17 @@ class SenderCore(TransferSender):
         self._ledger.end_where(lambda r: True, TransferStatus.FAILED, "sender closed")
 
     # ------------------------------------------------------------------ helpers
-    def _checked(self, transfer_id: str, source: memoryview, spans: tuple[Span, ...]
-                 ) -> Iterator[tuple[Span, int, memoryview]]:
-        """Pieces of ``spans`` with their checksums, hashed one piece ahead of the send."""
-        fault = self._fault if self._fault is not None and self._fault.transfer_id == transfer_id else None
+    def _checked(self, record: TransferRecord, source: memoryview, spans: tuple[Span, ...]
+                 ) -> Iterator[tuple[Span, bytes, memoryview]]:
+        """Pieces of ``spans`` with their checksums (MACs, with a key), hashed one piece ahead
+        of the send."""
+        if self._fault is not None and self._fault.transfer_id == ANY_TRANSFER:
+            self._fault = dataclasses.replace(self._fault, transfer_id=record.transfer_id)  # the first one posted
+        fault = self._fault if self._fault is not None and self._fault.transfer_id == record.transfer_id else None
+        mac_key = record.auth.piece_key if record.auth is not None else None
         for piece in pieces(spans, self._piece_bytes):
             payload = source[piece.src_offset : piece.src_offset + piece.length]
-            checksum = digest(payload) if self._verify else 0
+            checksum = digest(piece, payload, mac_key) if self._verify else b""
             if fault is not None and piece.src_offset <= fault.src_offset < piece.src_offset + piece.length:
                 at = fault.src_offset - piece.src_offset
                 if self._pull:

@@ -15,7 +15,8 @@ def _check(backend: str) -> None:
 
 
 def make_receiver(backend: str, **options: Any) -> TransferReceiver:
-    """A receiver of ``backend``; ``options`` go to its constructor (e.g. ``host``, ``port``)."""
+    """A receiver of ``backend``; ``options`` go to its constructor (e.g. ``host``, ``port``,
+    ``key``: the deployment's shared secret, None only on a single trusted host; see ``base``)."""
     _check(backend)
     if backend == "inproc":
         from hetpd.transfer.inproc import InprocReceiver
@@ -35,7 +36,8 @@ def make_receiver(backend: str, **options: Any) -> TransferReceiver:
 
 
 def make_sender(backend: str, **options: Any) -> TransferSender:
-    """A sender of ``backend``; ``inproc`` needs ``receiver=`` (the InprocReceiver to feed)."""
+    """A sender of ``backend``; ``options`` go to its constructor (e.g. ``key``, the same secret
+    as the receiver's); ``inproc`` needs ``receiver=`` (the InprocReceiver to feed)."""
     _check(backend)
     if backend == "inproc":
         from hetpd.transfer.inproc import InprocSender

@@ -5,6 +5,9 @@ piece of its source, the receiver copies it into its region in cache-sized chunk
 what landed, under the transfer's write lock. ``post`` is synchronous: when it returns, the
 post's bytes have landed (or the transfer has ended). The "peer" of a transfer is the sender
 object, so several senders may feed one receiver, each told its own verdicts.
+
+``key`` is accepted (so callers can pass the deployment key to any backend) and ignored:
+nothing here crosses a process, so there is no stranger to keep out; checksums are xxh3.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ class InprocReceiver(ReceiverCore):
 
     backend = BACKEND
 
-    def __init__(self, verify: bool = True) -> None:
-        super().__init__()
+    def __init__(self, verify: bool = True, key: bytes | None = None) -> None:
+        super().__init__()  # the key is not used in-process (see the module docstring)
         self._verify = verify
 
     def _address(self) -> dict[str, str | int]:
@@ -36,7 +39,7 @@ class InprocReceiver(ReceiverCore):
             peer._verdict(result.transfer_id, result.status, result.nbytes, result.error)
 
     def _land(self, sender: InprocSender, transfer_id: str, region: str,
-              checked: Iterator[tuple[Span, int, memoryview]], final: bool) -> None:
+              checked: Iterator[tuple[Span, bytes, memoryview]], final: bool) -> None:
         """Called by ``sender.post``: copy each piece into the region, checking it."""
         record = self._bind(transfer_id, region, sender)
         if isinstance(record, str):
@@ -50,8 +53,8 @@ class InprocReceiver(ReceiverCore):
                 dst = self._dst_view(record, piece)
                 if dst is None:
                     return
-                got = copy_and_digest(dst, payload, self._verify)
-                if not self._check_landed(record, piece, checksum if self._verify else 0, got):
+                got = copy_and_digest(dst, payload, self._hasher(record, piece))
+                if not self._check_landed(record, piece, checksum, got):
                     return
         self._post_done(record, final)
 
@@ -65,14 +68,14 @@ class InprocSender(SenderCore):
     backend = BACKEND
 
     def __init__(self, receiver: InprocReceiver, fault: FaultInjection | None = None,
-                 piece_bytes: int = PIECE_BYTES, verify: bool = True) -> None:
+                 piece_bytes: int = PIECE_BYTES, verify: bool = True, key: bytes | None = None) -> None:
         if not isinstance(receiver, InprocReceiver):
             raise ValueError(f"receiver must be an InprocReceiver, got {type(receiver).__name__}")
-        super().__init__(fault, piece_bytes, verify)
+        super().__init__(fault, piece_bytes, verify)  # the key is not used in-process
         self._receiver = receiver
 
     def _send_post(self, record: TransferRecord, src_region: str, dst: RegionDescriptor,
-                   checked: Iterator[tuple[Span, int, memoryview]], final: bool) -> None:
+                   checked: Iterator[tuple[Span, bytes, memoryview]], final: bool) -> None:
         if dst.address.get("receiver") != self._receiver.token:
             self._fail(record, f"dst region {dst.region!r} belongs to another receiver than this "
                                f"sender's; make an InprocSender for that receiver")

@@ -20,17 +20,22 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
+from hetpd.transfer.auth import TransferAuth
 from hetpd.transfer.base import TransferResult, TransferStatus
 
 RECENT = 4096
 
 
 class TransferRecord:
-    """One live transfer (mutable, internal). ``peer`` is the connection it is bound to."""
+    """One live transfer (mutable, internal). ``peer`` is the connection it is bound to;
+    ``auth`` its derived tags and MAC key (None without a key); ``expected_nbytes`` what the
+    receiver's ``expect`` said must land before a final post counts (None: not checked)."""
 
-    __slots__ = ("transfer_id", "region", "source", "peer", "nbytes", "result", "final_posted", "write_lock")
+    __slots__ = ("transfer_id", "region", "source", "peer", "nbytes", "result", "final_posted", "write_lock",
+                 "auth", "expected_nbytes")
 
-    def __init__(self, transfer_id: str, region: str) -> None:
+    def __init__(self, transfer_id: str, region: str, auth: TransferAuth | None = None,
+                 expected_nbytes: int | None = None) -> None:
         self.transfer_id = transfer_id
         self.region = region
         self.source = ""  # sender side: the source region posted from
@@ -39,6 +44,8 @@ class TransferRecord:
         self.result: TransferResult | None = None
         self.final_posted = False
         self.write_lock = threading.Lock()
+        self.auth = auth
+        self.expected_nbytes = expected_nbytes
 
 
 class Ledger:
@@ -52,11 +59,13 @@ class Ledger:
         self._recent: OrderedDict[str, TransferResult] = OrderedDict()  # delivered, newest last
 
     # ------------------------------------------------------------------ lookup
-    def add(self, transfer_id: str, region: str) -> TransferRecord:
+    def add(self, transfer_id: str, region: str, auth: TransferAuth | None = None,
+            expected_nbytes: int | None = None) -> TransferRecord:
+        """A new live record, complete before any other thread can see it."""
         with self._cond:
             if transfer_id in self._records:
                 raise ValueError(f"transfer_id {transfer_id!r} is already live; wait for or cancel it first")
-            record = TransferRecord(transfer_id, region)
+            record = TransferRecord(transfer_id, region, auth, expected_nbytes)
             self._records[transfer_id] = record
             return record
 

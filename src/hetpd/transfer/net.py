@@ -2,7 +2,13 @@
 and length-prefixed JSON messages for control channels. Pure Python; no pickle, ever.
 
 Every socket has a short timeout so that threads notice ``close()`` and dead peers promptly;
-reads loop over timeouts until their ``stopping`` predicate says to give up.
+reads loop over timeouts until their ``stopping`` predicate says to give up, or until the
+connection's ``deadline`` (set while a peer has not yet proved itself) passes.
+
+What a stranger can make a listener spend is bounded: a connection costs one thread, and only
+while fewer than ``max_conns_per_peer`` connections from its IP address and ``max_conns`` in
+all are live (others are closed at accept, no thread); reads allocate as bytes arrive, never
+what a length prefix merely announces.
 """
 
 from __future__ import annotations
@@ -19,6 +25,11 @@ POLL_S = 0.1  # how often a blocked read re-checks whether it should stop
 SOCKET_BUFFER_BYTES = 4 << 20  # the kernel caps it at net.core.{r,w}mem_max (4 MiB here)
 MAX_JSON_BYTES = 16 << 20
 _JSON_LEN = struct.Struct("!I")
+# Length-prefixed reads grow their buffer by at most this much per read: a 4-byte header
+# announcing 16 MiB costs 16 MiB only once 16 MiB actually arrived.
+_READ_STEP = 64 << 10
+MAX_CONNS_PER_PEER = 8  # live connections per peer IP address on one listener
+MAX_CONNS = 64  # live connections on one listener
 
 
 class PeerGone(ConnectionError):
@@ -42,6 +53,9 @@ class Conn:
         self.io_timeout = io_timeout  # a send blocked this long means a dead or stuck peer
         self.closed = threading.Event()
         self._send_lock = threading.Lock()
+        # time.monotonic() by which reads must be done, while the peer has not yet proved it
+        # speaks the protocol (handshake, first frame); None once it has.
+        self.deadline: float | None = None
 
     def send(self, parts: list[bytes | memoryview]) -> None:
         """Send all of ``parts`` (one sendmsg per round, no joining copy). Raises PeerGone."""
@@ -74,6 +88,8 @@ class Conn:
         while True:
             if stopping() or self.closed.is_set():
                 raise PeerGone("stopped")
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                raise PeerGone("read deadline passed (handshake or first frame not complete in time)")
             try:
                 got = self.sock.recv_into(view)
             except TimeoutError:
@@ -90,18 +106,29 @@ class Conn:
             pos += self.recv_into(view[pos:], stopping)
 
     def recv_bytes(self, count: int, stopping: Callable[[], bool]) -> bytes:
-        buffer = bytearray(count)
-        self.recv_exact(memoryview(buffer), stopping)
-        return bytes(buffer)
+        """Exactly ``count`` bytes. The buffer grows with what arrived (``_READ_STEP`` at a
+        time), so a peer that announces much and sends little makes us allocate little."""
+        if count <= _READ_STEP:
+            buffer = bytearray(count)
+            self.recv_exact(memoryview(buffer), stopping)
+            return bytes(buffer)
+        out = bytearray()
+        step = memoryview(bytearray(_READ_STEP))
+        while len(out) < count:
+            got = self.recv_into(step[: min(_READ_STEP, count - len(out))], stopping)
+            out += step[:got]
+        return bytes(out)
 
     def send_json(self, message: dict[str, Any]) -> None:
         body = json.dumps(message, separators=(",", ":")).encode()
         self.send([_JSON_LEN.pack(len(body)), body])
 
-    def recv_json(self, stopping: Callable[[], bool]) -> dict[str, Any]:
+    def recv_json(self, stopping: Callable[[], bool], limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
+        """The next length-prefixed JSON object; PeerGone if it announces more than ``limit``
+        bytes (before reading any of them), is not JSON, or is not an object."""
         (size,) = _JSON_LEN.unpack(self.recv_bytes(_JSON_LEN.size, stopping))
-        if size > MAX_JSON_BYTES:
-            raise PeerGone(f"control message of {size} bytes exceeds {MAX_JSON_BYTES}: not our protocol")
+        if size > limit:
+            raise PeerGone(f"control message of {size} bytes exceeds {limit}: not our protocol")
         try:
             message = json.loads(self.recv_bytes(size, stopping))
         except ValueError as exc:
@@ -133,9 +160,19 @@ def reader_thread(conn: Conn, target: Callable[[Conn], None], name: str) -> thre
 
 class Listener:
     """Accepts connections on ``host:port`` (0: any free port) and runs ``handler(conn)`` on a
-    thread per connection; the handler owns reads and returns when the peer is gone."""
+    thread per connection; the handler owns reads and returns when the peer is gone (the
+    connection is then closed and forgotten, and its thread ends).
 
-    def __init__(self, host: str, port: int, handler: Callable[[Conn], None], io_timeout: float, name: str) -> None:
+    At most ``max_conns_per_peer`` live connections per peer IP address and ``max_conns`` in
+    all: a connection beyond either is closed at accept, without a thread (``refused`` counts
+    them), so a stranger opening sockets in a loop costs file descriptors briefly, not threads.
+    """
+
+    def __init__(self, host: str, port: int, handler: Callable[[Conn], None], io_timeout: float, name: str,
+                 *, max_conns_per_peer: int = MAX_CONNS_PER_PEER, max_conns: int = MAX_CONNS) -> None:
+        for value, what in ((max_conns_per_peer, "max_conns_per_peer"), (max_conns, "max_conns")):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{what} must be an int >= 1, got {value!r}")
         self._sock = socket.create_server((host, port))
         self._sock.settimeout(POLL_S)
         self.host = host
@@ -143,37 +180,60 @@ class Listener:
         self._handler = handler
         self._io_timeout = io_timeout
         self._name = name
+        self._max_per_peer = max_conns_per_peer
+        self._max_conns = max_conns
+        self.accepted = 0  # connections given a thread, in all
+        self.refused = 0  # connections closed at accept because a cap was reached
         self._stopping = threading.Event()
         self._lock = threading.Lock()
-        self._conns: list[tuple[Conn, threading.Thread]] = []
+        self._live: dict[Conn, tuple[str, threading.Thread]] = {}  # conn -> (peer IP, its thread)
         self._thread = threading.Thread(target=self._accept_loop, name=f"{name}-accept", daemon=True)
         self._thread.start()
+
+    def live(self) -> int:
+        """Connections whose handler is still running."""
+        with self._lock:
+            return len(self._live)
 
     def _accept_loop(self) -> None:
         while not self._stopping.is_set():
             try:
-                sock, _ = self._sock.accept()
+                sock, address = self._sock.accept()
             except TimeoutError:
                 continue
             except OSError:
                 return
-            tune(sock)
-            conn = Conn(sock, self._io_timeout)
+            ip = str(address[0])
             with self._lock:
                 if self._stopping.is_set():
-                    conn.close()
+                    sock.close()
                     return
-                thread = reader_thread(conn, self._handler, f"{self._name}-conn")
-                # Forget finished connections so a long-lived listener stays small.
-                self._conns = [(c, t) for c, t in self._conns if t.is_alive()] + [(conn, thread)]
+                from_peer = sum(1 for peer_ip, _ in self._live.values() if peer_ip == ip)
+                if from_peer >= self._max_per_peer or len(self._live) >= self._max_conns:
+                    self.refused += 1
+                    sock.close()
+                    continue
+                tune(sock)
+                conn = Conn(sock, self._io_timeout)
+                thread = threading.Thread(target=self._run, args=(conn,), name=f"{self._name}-conn", daemon=True)
+                self._live[conn] = (ip, thread)
+                self.accepted += 1
+                thread.start()
+
+    def _run(self, conn: Conn) -> None:
+        try:
+            self._handler(conn)
+        finally:
+            conn.close()
+            with self._lock:
+                self._live.pop(conn, None)
 
     def close(self) -> None:
         self._stopping.set()
         self._sock.close()
         self._thread.join(timeout=2)
         with self._lock:
-            conns = list(self._conns)
-            self._conns.clear()
-        for conn, thread in conns:
+            live = list(self._live.items())
+        for conn, (_, thread) in live:
             conn.close()
             thread.join(timeout=2)

@@ -13,7 +13,8 @@ the receiver is the initiator and issues READs: the sender registers its source 
 its agent and sends, with each post, its agent metadata (NIXL's own serialisation, carried
 as base64 in our JSON control messages; never pickle) and the source's address. The receiver
 reads each piece into its region, waits for the READ to complete, then hashes what landed.
-The pull protocol, checksums, cancellation and peer loss are those of ``pull``.
+The pull protocol, checksums (MACs, with a key), the handshake, cancellation and peer loss
+are those of ``pull``.
 
 Limits: DRAM only (VRAM would need the device pointer and a CUDA build of the receiver's
 buffer); one READ per piece, waited for before the next (simple, not the fastest); a READ
@@ -30,11 +31,10 @@ import secrets
 import time
 from typing import Any
 
-import xxhash
-
+from hetpd.transfer.auth import HANDSHAKE_TIMEOUT_S
 from hetpd.transfer.base import Buffer, FaultInjection, RegionDescriptor, Span, writable_view
-from hetpd.transfer.checksum import CHUNK_BYTES, PIECE_BYTES
-from hetpd.transfer.net import Conn
+from hetpd.transfer.checksum import PIECE_BYTES, Hasher, hash_landed
+from hetpd.transfer.net import MAX_CONNS, MAX_CONNS_PER_PEER, Conn
 from hetpd.transfer.pull import PullReceiver, PullSender
 
 BACKEND = "nixl"
@@ -63,11 +63,14 @@ class NixlReceiver(PullReceiver):
 
     backend = BACKEND
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, io_timeout: float = 10.0, verify: bool = True) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, io_timeout: float = 10.0, verify: bool = True, *,
+                 key: bytes | None = None, handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
+                 max_conns_per_peer: int = MAX_CONNS_PER_PEER, max_conns: int = MAX_CONNS) -> None:
         self._agent = _agent("recv")
         self._remotes: dict[int, dict[str, str]] = {}  # id(conn) -> remote agent -> its metadata
         self._registered: dict[str, Any] = {}
-        super().__init__(host, port, io_timeout, verify)
+        super().__init__(host, port, io_timeout, verify, key=key, handshake_timeout=handshake_timeout,
+                         max_conns_per_peer=max_conns_per_peer, max_conns=max_conns)
         self._io_timeout = io_timeout
 
     def register_region(self, name: str, buffer: Buffer) -> RegionDescriptor:
@@ -80,7 +83,7 @@ class NixlReceiver(PullReceiver):
         super().unregister_region(name)
         self._agent.deregister_memory(self._registered.pop(name))
 
-    def _fetch(self, conn: Conn, source: dict[str, Any], piece: Span, dst: memoryview) -> int:
+    def _fetch(self, conn: Conn, source: dict[str, Any], piece: Span, dst: memoryview, hasher: Hasher | None) -> bytes:
         agent, metadata, addr, length = (source.get(k) for k in ("agent", "metadata", "addr", "length"))
         if not (isinstance(agent, str) and isinstance(metadata, str) and isinstance(addr, int)
                 and isinstance(length, int)):
@@ -107,12 +110,7 @@ class NixlReceiver(PullReceiver):
                                  f"ended {state!r}" + (" (timed out)" if state == "PROC" else ""))
         finally:
             handle.release()  # aborts a READ still in progress
-        if not self._verify:
-            return 0
-        hasher = xxhash.xxh3_64()
-        for start in range(0, piece.length, CHUNK_BYTES):
-            hasher.update(dst[start : start + CHUNK_BYTES])
-        return hasher.intdigest()
+        return hash_landed(dst, hasher)
 
     def _forget_peer(self, conn: Conn) -> None:
         for agent in self._remotes.pop(id(conn), {}):
@@ -134,9 +132,11 @@ class NixlSender(PullSender):
     backend = BACKEND
 
     def __init__(self, fault: FaultInjection | None = None, piece_bytes: int = PIECE_BYTES,
-                 connect_timeout: float = 5.0, io_timeout: float = 10.0, verify: bool = True) -> None:
+                 connect_timeout: float = 5.0, io_timeout: float = 10.0, verify: bool = True, *,
+                 key: bytes | None = None, handshake_timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
         self._agent = _agent("send")
-        super().__init__(fault, piece_bytes, connect_timeout, io_timeout, verify)
+        super().__init__(fault, piece_bytes, connect_timeout, io_timeout, verify, key=key,
+                         handshake_timeout=handshake_timeout)
         self._registered: dict[str, Any] = {}
         self._metadata = ""
 

@@ -23,9 +23,10 @@ import re
 import secrets
 from typing import Any
 
+from hetpd.transfer.auth import HANDSHAKE_TIMEOUT_S
 from hetpd.transfer.base import Buffer, FaultInjection, RegionDescriptor, Span, check_name, writable_view
-from hetpd.transfer.checksum import PIECE_BYTES, copy_and_digest
-from hetpd.transfer.net import Conn
+from hetpd.transfer.checksum import PIECE_BYTES, Hasher, copy_and_digest
+from hetpd.transfer.net import MAX_CONNS, MAX_CONNS_PER_PEER, Conn
 from hetpd.transfer.pull import PullReceiver, PullSender
 
 BACKEND = "shm"
@@ -113,11 +114,14 @@ class ShmReceiver(PullReceiver):
 
     backend = BACKEND
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, io_timeout: float = 10.0, verify: bool = True) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, io_timeout: float = 10.0, verify: bool = True, *,
+                 key: bytes | None = None, handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
+                 max_conns_per_peer: int = MAX_CONNS_PER_PEER, max_conns: int = MAX_CONNS) -> None:
         self._mapped: dict[tuple[int, str], Segment] = {}  # (id(conn), segment) -> mapping
-        super().__init__(host, port, io_timeout, verify)
+        super().__init__(host, port, io_timeout, verify, key=key, handshake_timeout=handshake_timeout,
+                         max_conns_per_peer=max_conns_per_peer, max_conns=max_conns)
 
-    def _fetch(self, conn: Conn, source: dict[str, Any], piece: Span, dst: memoryview) -> int:
+    def _fetch(self, conn: Conn, source: dict[str, Any], piece: Span, dst: memoryview, hasher: Hasher | None) -> bytes:
         name, length = source.get("segment"), source.get("length")
         if not isinstance(name, str) or not isinstance(length, int):
             raise ValueError(f"source {source} names no shared-memory segment")
@@ -129,7 +133,7 @@ class ShmReceiver(PullReceiver):
         if piece.src_offset < 0 or piece.src_offset + piece.length > segment.length:
             raise ValueError(f"span src_offset={piece.src_offset} length={piece.length} outside segment "
                              f"{name!r} of {segment.length} bytes")
-        return copy_and_digest(dst, segment.view[piece.src_offset : piece.src_offset + piece.length], self._verify)
+        return copy_and_digest(dst, segment.view[piece.src_offset : piece.src_offset + piece.length], hasher)
 
     def _forget_source(self, conn: Conn, source: dict[str, Any]) -> None:
         segment = self._mapped.pop((id(conn), str(source.get("segment"))), None)
@@ -147,8 +151,10 @@ class ShmSender(PullSender):
     backend = BACKEND
 
     def __init__(self, fault: FaultInjection | None = None, piece_bytes: int = PIECE_BYTES,
-                 connect_timeout: float = 5.0, io_timeout: float = 10.0, verify: bool = True) -> None:
-        super().__init__(fault, piece_bytes, connect_timeout, io_timeout, verify)
+                 connect_timeout: float = 5.0, io_timeout: float = 10.0, verify: bool = True, *,
+                 key: bytes | None = None, handshake_timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
+        super().__init__(fault, piece_bytes, connect_timeout, io_timeout, verify, key=key,
+                         handshake_timeout=handshake_timeout)
         self._segments: dict[str, Segment] = {}
         self._staged: dict[str, memoryview] = {}  # region -> caller's buffer, staged at post
 
