@@ -45,6 +45,14 @@ class Metrics:
         self.transient.labels(worker_id, role).set(stats["transient_bytes"])
         self.bytes_received.labels(worker_id, role).set(stats["kv_bytes_received"])
 
+    def worker_gone(self, worker_id: str, role: str) -> None:
+        """A worker left: its last numbers must not stay on the dashboards as if current."""
+        for gauge in (self.pages_in_use, self.pages_total, self.live_leases, self.transient, self.bytes_received):
+            try:
+                gauge.remove(worker_id, role)
+            except KeyError:
+                pass  # it never reported stats
+
     def lease_ended(self, side: str, state: str) -> None:
         self.leases_ended.labels(side, state).inc()
 

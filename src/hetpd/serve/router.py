@@ -9,13 +9,20 @@ A request goes to the least-loaded prefill worker and to the decode worker with 
 pages that fits it; lease messages between them are relayed here (control plane) while the
 KV bytes go worker to worker (data plane). Outputs come back here and feed the request's
 event queue, which the HTTP layer streams. Runs on one asyncio loop.
+
+Liveness: every worker sends a heartbeat from a thread of its own. A worker the router has not
+heard from for ``supervise.unresponsive_s`` (frozen, or its host gone) gets no new requests and
+its requests in flight move elsewhere; while it is heard, the router tells every worker so
+(``alive``), which keeps the leases of its handoffs renewed however long its engine steps take.
+Each registration of a worker id is a new *epoch*; when one ends, the others are told
+(``peer_gone``) and drop what was tied to it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +31,16 @@ from typing import Any
 from hetpd.kv.format import IncompatibleKVError, KVFormat
 from hetpd.kv.plan import HandoffPlan, plan_handoff
 from hetpd.sampling_params import SamplingParams
-from hetpd.serve.control import ControlError, encode, new_challenge, read_message, verify, write_message
+from hetpd.serve.control import (
+    HANDSHAKE_TIMEOUT_S,
+    HELLO_MAX,
+    ControlError,
+    encode,
+    new_challenge,
+    read_message,
+    verify,
+    write_message,
+)
 from hetpd.serve.deploy import DeploymentConfig
 from hetpd.serve.metrics import Metrics
 from hetpd.serve.worker import params_to_dict
@@ -36,6 +52,14 @@ class Overloaded(RuntimeError):
 
 class NotReady(RuntimeError):
     """The deployment has no usable worker set yet (HTTP 503)."""
+
+
+# Connections that have not proved they know the secret yet: each costs a task and a small
+# buffer until HANDSHAKE_TIMEOUT_S, so a flood of them is capped.
+MAX_UNAUTHENTICATED = 32
+RETRY_BACKOFF_S = 0.5  # times the attempt number, before retrying on a worker a handoff failed with
+ALIVE_HEARTBEATS = 3  # a worker is vouched for while its last heartbeat is this many intervals old at most
+MAX_BACKLOG = 16 << 20  # control bytes queued for a worker that reads none: past this it is cut off
 
 
 @dataclass
@@ -50,6 +74,10 @@ class WorkerHandle:
     pages_total: int
     max_model_len: int
     writer: asyncio.StreamWriter
+    epoch: int = 1  # which registration of this worker id (a restarted worker comes back with the next)
+    pid: int | None = None
+    last_heard: float = field(default_factory=time.monotonic)  # any frame from it counts
+    responsive: bool = True  # heard within supervise.unresponsive_s: requests may go here
     stats: dict[str, Any] = field(default_factory=dict)
     assigned: set[str] = field(default_factory=set)  # requests routed here and not yet done with it
     pending_pages: dict[str, int] = field(default_factory=dict)  # decode side: pages promised, not yet committed
@@ -71,7 +99,9 @@ class RequestState:
     token_times: list[float] = field(default_factory=list)  # when each batch of tokens was produced
     done: bool = False
     attempt: int = 0  # workers know an attempt as "<request_id>~<attempt>": a retry never meets stale state
-    failed_workers: set[str] = field(default_factory=set)
+    committed_attempt: int = 0  # the last attempt whose KV the decode worker committed (prefill done with it)
+    failed_workers: set[str] = field(default_factory=set)  # gone or unresponsive: never again for this request
+    suspects: set[str] = field(default_factory=set)  # the other end of a failed handoff: avoided while others can serve
 
     @property
     def wire_id(self) -> str:
@@ -91,19 +121,24 @@ class Router:
         self.finished_traces: dict[str, dict[str, Any]] = {}
         self.plans: dict[tuple[str, str], HandoffPlan] = {}
         self.metrics = Metrics()
-        self._ids = itertools.count()
+        self._epochs: dict[str, int] = {}  # worker id -> its latest epoch
         self._capacity = asyncio.Event()
         self._queued = 0
+        self._unauthenticated = 0
         self._server: asyncio.Server | None = None
+        self._monitor: asyncio.Task[None] | None = None
         self.control_port = 0
 
     # ------------------------------------------------------------------ control plane
     async def start(self, host: str, port: int) -> int:
         self._server = await asyncio.start_server(self._serve_worker, host, port)
         self.control_port = int(self._server.sockets[0].getsockname()[1])
+        self._monitor = asyncio.get_running_loop().create_task(self._watch_workers())
         return self.control_port
 
     async def stop(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
         for worker in list(self.workers.values()):
             try:
                 await write_message(worker.writer, {"op": "shutdown"})
@@ -113,27 +148,49 @@ class Router:
             self._server.close()
 
     def ready(self) -> bool:
-        roles = {w.role for w in self.workers.values()}
+        roles = {w.role for w in self.workers.values() if w.responsive}
         return "colocated" in roles or {"prefill", "decode"} <= roles
+
+    def silent_for(self, worker_id: str) -> float | None:
+        """Seconds since the router last heard from a registered worker; None if not registered."""
+        worker = self.workers.get(worker_id)
+        return None if worker is None else time.monotonic() - worker.last_heard
 
     async def _serve_worker(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         worker: WorkerHandle | None = None
+        if self._unauthenticated >= MAX_UNAUTHENTICATED:
+            writer.close()  # a flood of strangers: refuse before reading a byte
+            return
+        self._unauthenticated += 1
+        authenticated = False
         try:
             challenge = new_challenge()
             await write_message(writer, {"op": "challenge", "nonce": challenge})
-            hello = await asyncio.wait_for(read_message(reader), timeout=30)
+            try:
+                hello = await asyncio.wait_for(read_message(reader, HELLO_MAX), timeout=HANDSHAKE_TIMEOUT_S)
+            finally:
+                self._unauthenticated -= 1
             if hello.get("op") != "hello" or not verify(self.secret, challenge, hello.get("mac")):
                 self.log("router: refused a control connection that does not know the shared secret")
                 await write_message(writer, {"op": "rejected", "reason": "authentication failed"})
                 return
+            authenticated = True
             worker = self._admit(hello, writer)
             if worker is None:
                 return
             while True:
-                await self._on_message(worker, await read_message(reader))
+                message = await read_message(reader)
+                worker.last_heard = time.monotonic()
+                if not worker.responsive:
+                    worker.responsive = True
+                    self.log(f"router: {worker.worker_id} answers again; it gets requests again")
+                    self._capacity.set()
+                await self._on_message(worker, message)
         except (ControlError, asyncio.TimeoutError, ConnectionError) as exc:
             if worker is not None:
                 self.log(f"router: worker {worker.worker_id} left ({exc})")
+            elif not authenticated:
+                self.log(f"router: dropped an unauthenticated control connection ({exc or 'handshake timed out'})")
         except asyncio.CancelledError:
             pass  # the router is shutting down
         finally:
@@ -143,13 +200,18 @@ class Router:
             writer.close()
 
     def _admit(self, hello: dict[str, Any], writer: asyncio.StreamWriter) -> WorkerHandle | None:
-        fmt = KVFormat.from_json(str(hello["kv_format"]))
-        worker = WorkerHandle(
-            worker_id=str(hello["worker_id"]), role=str(hello["role"]), pool=str(hello["pool"]), kv_format=fmt,
-            transport=str(hello["transport"]), max_num_seqs=int(hello["max_num_seqs"]),
-            block_size=int(hello["block_size"]), pages_total=int(hello["pages_total"]),
-            max_model_len=int(hello["max_model_len"]), writer=writer,
-        )
+        try:
+            fmt = KVFormat.from_json(str(hello["kv_format"]))
+            worker = WorkerHandle(
+                worker_id=str(hello["worker_id"]), role=str(hello["role"]), pool=str(hello["pool"]), kv_format=fmt,
+                transport=str(hello["transport"]), max_num_seqs=int(hello["max_num_seqs"]),
+                block_size=int(hello["block_size"]), pages_total=int(hello["pages_total"]),
+                max_model_len=int(hello["max_model_len"]), writer=writer,
+                pid=int(hello["pid"]) if isinstance(hello.get("pid"), int) else None,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            writer.write(encode({"op": "rejected", "reason": f"malformed hello: {exc}"}))
+            return None
         problems = self._pair_problems(worker)
         if worker.worker_id in self.workers:
             problems.append(f"worker id {worker.worker_id!r} is already registered")
@@ -158,11 +220,36 @@ class Router:
             self.log("router: " + reason)
             writer.write(encode({"op": "rejected", "reason": reason}))
             return None
+        worker.epoch = self._epochs.get(worker.worker_id, 0) + 1
+        self._epochs[worker.worker_id] = worker.epoch
         self.workers[worker.worker_id] = worker
-        writer.write(encode({"op": "welcome"}))
-        self.log(f"router: {worker.worker_id} joined as {worker.role} ({fmt.dtype} KV, page {fmt.page_size})")
+        writer.write(encode({"op": "welcome", "epoch": worker.epoch}))
+        again = f", epoch {worker.epoch}" if worker.epoch > 1 else ""
+        self.log(f"router: {worker.worker_id} joined as {worker.role} ({fmt.dtype} KV, page {fmt.page_size}{again})")
         self._capacity.set()
         return worker
+
+    async def _watch_workers(self) -> None:
+        """Every heartbeat interval: stop routing to workers gone silent (moving their requests)
+        and tell every worker which of its peers are alive (their leases stay renewed)."""
+        supervise = self.deploy.supervise
+        while True:
+            await asyncio.sleep(supervise.heartbeat_s)
+            now = time.monotonic()
+            for worker in list(self.workers.values()):
+                if worker.responsive and now - worker.last_heard > supervise.unresponsive_s:
+                    worker.responsive = False
+                    self.log(f"router: {worker.worker_id} silent for {now - worker.last_heard:.1f}s; no new "
+                             f"requests go there and its {len(worker.assigned)} in flight move")
+                    self._move_requests_off(worker, f"{worker.role} worker {worker.worker_id} stopped answering")
+            # Vouch only for workers heard within a few heartbeats (not unresponsive_s): a frozen
+            # worker's leases then run out on their TTL as if it had gone quiet itself.
+            heard = {w.worker_id: w.epoch for w in self.workers.values()
+                     if now - w.last_heard <= ALIVE_HEARTBEATS * supervise.heartbeat_s}
+            alive = {"op": "alive", "workers": heard}
+            for worker in list(self.workers.values()):
+                if worker.responsive:
+                    await self._send(worker, alive)
 
     def _pair_problems(self, new: WorkerHandle) -> list[str]:
         """Check the newcomer against every worker of the opposite role; log the usable pairs."""
@@ -194,18 +281,26 @@ class Router:
         elif op == "lease":
             target = self.workers.get(str(message.get("to")))
             if target is not None:  # a dead target: the lease's TTL ends it on the other side
-                await self._send(target, {"op": "lease", "from": worker.worker_id, "message": message["message"]})
+                await self._send(target, {"op": "lease", "from": worker.worker_id, "from_epoch": worker.epoch,
+                                          "message": message["message"]})
         elif op == "output":
             self._on_output(worker, message)
+        elif op == "heartbeat":
+            pass  # reading the frame was the point (last_heard)
         elif op == "trace":
             wire_id, step, at = str(message["request_id"]), str(message["step"]), float(message["at"])
             request = self._current(wire_id)
             if request is not None:
                 request.mark(step, at)
                 if step == "commit":
+                    request.committed_attempt = request.attempt
                     decode = self.workers.get(request.workers.get("decode", ""))
                     if decode is not None:
                         decode.pending_pages.pop(request.request_id, None)
+                    # The decode worker owns the KV now: losing the prefill worker costs this request nothing.
+                    prefill = self.workers.get(request.workers.get("prefill", ""))
+                    if prefill is not None:
+                        prefill.assigned.discard(request.request_id)
             else:  # the producer's release often lands after the last token: keep it in the finished trace
                 record = self.finished_traces.get(wire_id.split("~")[0])
                 if record is not None and record.get("wire_id") == wire_id:
@@ -215,14 +310,20 @@ class Router:
             request = self._current(str(message["request_id"]))
             # A producer lease can expire after the consumer committed (every Committed lost): the
             # request is fine, decoding elsewhere, and the producer merely freed its copy.
-            committed = request is not None and "commit" in request.trace
+            committed = request is not None and request.committed_attempt == request.attempt
             if request is not None and message["failure"] is not None and not committed:
+                # The worker at the other end of the handoff is the likelier culprit (silent,
+                # refusing, sending bad bytes): the next attempt goes elsewhere if it can.
+                request.suspects.update(w for w in request.workers.values() if w != worker.worker_id)
                 await self._recover(request, f"KV handoff failed on the {message['side']} side: "
                                              f"{message['failure']} ({message['detail']})")
         elif op == "error":
             request = self._current(str(message["request_id"]))
             if request is not None:
-                self._fail(request, 400, str(message["message"]))
+                if message.get("retryable"):  # the worker failed, not the request: another attempt may do
+                    await self._recover(request, str(message["message"]))
+                else:
+                    self._fail(request, int(message.get("status", 400)), str(message["message"]))
 
     def _current(self, wire_id: str) -> RequestState | None:
         """The request a worker message is about, if it is about its current attempt (else stale)."""
@@ -255,12 +356,24 @@ class Router:
             self._release(request)
 
     def _worker_lost(self, worker: WorkerHandle) -> None:
+        self.metrics.worker_gone(worker.worker_id, worker.role)
+        self._move_requests_off(worker, f"{worker.role} worker {worker.worker_id} went away mid-request")
+        gone = encode({"op": "peer_gone", "worker": worker.worker_id, "epoch": worker.epoch})
+        for other in self.workers.values():
+            if not other.writer.is_closing():
+                other.writer.write(gone)
+
+    def _move_requests_off(self, worker: WorkerHandle, reason: str) -> None:
+        """Recover every request the worker still had a part in (none whose KV was committed
+        elsewhere: those are past the prefill worker)."""
         for request_id in list(worker.assigned):
             request = self.requests.get(request_id)
-            if request is not None and not request.done:
-                request.failed_workers.add(worker.worker_id)
-                asyncio.get_running_loop().create_task(
-                    self._recover(request, f"{worker.role} worker {worker.worker_id} went away mid-request"))
+            if request is None or request.done:
+                continue
+            if worker.role == "prefill" and request.committed_attempt == request.attempt:
+                continue
+            request.failed_workers.add(worker.worker_id)
+            asyncio.get_running_loop().create_task(self._recover(request, reason))
 
     # ------------------------------------------------------------------ requests
     async def submit(self, prompt_token_ids: list[int], params: SamplingParams,
@@ -269,7 +382,8 @@ class Router:
         (bounded), else raises Overloaded."""
         if not self.ready():
             raise NotReady("no worker set can serve yet (waiting for prefill and decode workers to register)")
-        request = RequestState(f"req-{next(self._ids)}", prompt_token_ids, params, asyncio.Queue())
+        # Random ids: a request's (and its transfers') id tells a stranger nothing to aim at.
+        request = RequestState(f"req-{secrets.token_hex(12)}", prompt_token_ids, params, asyncio.Queue())
         request.mark("queued", arrived)
         self._queued += 1
         self.metrics.queue_depth.set(self._queued)
@@ -310,12 +424,17 @@ class Router:
             await self._recover(request, "a chosen worker went away before the request reached it")
 
     async def _send(self, worker: WorkerHandle, message: dict[str, Any]) -> bool:
-        """Write to a worker; False if its connection is gone (its handler then reports it lost)."""
-        try:
-            await write_message(worker.writer, message)
-            return True
-        except (ConnectionError, RuntimeError):
+        """Queue a frame to a worker without waiting for it to read (a frozen worker must not
+        stall the router); False if its connection is gone. A worker that lets more than
+        ``MAX_BACKLOG`` bytes pile up is cut off (its handler then reports it lost)."""
+        if worker.writer.is_closing():
             return False
+        worker.writer.write(encode(message))
+        if worker.writer.transport.get_write_buffer_size() > MAX_BACKLOG:
+            self.log(f"router: {worker.worker_id} reads nothing ({MAX_BACKLOG >> 20} MiB waiting); cutting it off")
+            worker.writer.close()
+            return False
+        return True
 
     async def _recover(self, request: RequestState, reason: str) -> None:
         """An attempt failed: apply the deployment's recovery policy (retry, recompute or fail)."""
@@ -330,15 +449,24 @@ class Router:
             return
         request.mark(f"recovery_{request.attempt}")
         prompt_len = len(request.prompt_token_ids) + len(request.output_token_ids)
-        workers = self._choose(prompt_len, avoid=request.failed_workers)
-        if policy.recovery == "recompute":
-            decoders = [w for w in self.workers.values() if w.role in ("decode", "colocated")
-                        and w.worker_id not in request.failed_workers]
-            workers = [max(decoders, key=lambda w: w.free_pages())] if decoders else None
+        workers = self._recovery_workers(prompt_len, request.failed_workers | request.suspects)
+        if workers is None and request.suspects - request.failed_workers:
+            # Only a suspect is left: it may just have been slow. Give it a moment, then try it again.
+            await asyncio.sleep(RETRY_BACKOFF_S * request.attempt)
+            if request.done:
+                return
+            workers = self._recovery_workers(prompt_len, request.failed_workers)
         if workers is None:
             self._fail(request, 503, f"{reason}; no worker left to {policy.recovery} on")
             return
         await self._dispatch(request, workers)
+
+    def _recovery_workers(self, prompt_len: int, avoid: set[str]) -> list[WorkerHandle] | None:
+        if self.deploy.handoff.recovery == "recompute":
+            decoders = [w for w in self.workers.values() if w.role in ("decode", "colocated") and w.responsive
+                        and w.worker_id not in avoid]
+            return [max(decoders, key=lambda w: w.free_pages())] if decoders else None
+        return self._choose(prompt_len, avoid=avoid)
 
     async def _leave_attempt(self, request: RequestState) -> None:
         """Tell the attempt's surviving workers to drop it (aborting frees its pages and leases)."""
@@ -368,7 +496,7 @@ class Router:
         avoid = avoid or set()
         by_role: dict[str, list[WorkerHandle]] = {}
         for w in self.workers.values():
-            if w.worker_id not in avoid:
+            if w.worker_id not in avoid and w.responsive:
                 by_role.setdefault(w.role, []).append(w)
         if "colocated" in by_role and not ("prefill" in by_role and "decode" in by_role):
             return [min(by_role["colocated"], key=lambda w: len(w.assigned))]
@@ -399,7 +527,7 @@ class Router:
         request.events.put_nowait({"type": "error", "status": status, "message": message})
         for worker_id in request.workers.values():
             worker = self.workers.get(worker_id)
-            if worker is not None:
+            if worker is not None and not worker.writer.is_closing():
                 worker.writer.write(encode({"op": "abort", "request_id": request.wire_id}))
         self._release(request)
 

@@ -15,7 +15,9 @@ import dataclasses
 import json
 import os
 import queue
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -25,7 +27,7 @@ from typing import IO, Any
 
 from hetpd.core.step_work import STEP_TRACE_ENV
 from hetpd.engine.config import EngineConfig
-from hetpd.engine.engine import Engine
+from hetpd.engine.engine import Engine, StepResult
 from hetpd.handoff import ConsumerEndpoint, ProducerEndpoint
 from hetpd.kv.format import KVFormat
 from hetpd.kv.plan import HandoffPlan, plan_handoff
@@ -33,7 +35,9 @@ from hetpd.outputs import Logprob, RequestOutput
 from hetpd.ownership import LeaseConfig, ReserveRequest, message_from_dict
 from hetpd.sampling_params import SamplingParams
 from hetpd.serve.control import answer
-from hetpd.serve.deploy import HandoffConfig, PoolConfig
+from hetpd.serve.chunking import ChunkSizer
+from hetpd.serve.credentials import SECRET_ENV, CredentialError, resolve
+from hetpd.serve.deploy import HandoffConfig, PoolConfig, SuperviseConfig
 from hetpd.transfer import (
     FaultInjection,
     TransferReceiver,
@@ -57,10 +61,12 @@ class Faults:
 
     exit_after_offer: bool = False  # prefill: die right after offering the first KV (mid-handoff)
     exit_after_tokens: int | None = None  # decode: die after streaming this many tokens
-    corrupt: str | None = None  # prefill: flip a byte of this transfer id after hashing it
-    stall_on_offer: float | None = None  # decode: freeze this long when the first offer arrives
+    corrupt: str | None = None  # prefill: flip a byte of this transfer id ("*": the first one) after hashing it
+    stall_on_offer: float | None = None  # decode: freeze the process this long when the first offer arrives
     duplicate_lease_messages: bool = False  # send every lease message twice
     drop_router_after_tokens: int | None = None  # decode: cut the control connection after this many tokens
+    slow_step: float | None = None  # sleep this long inside every engine step that runs prompt tokens
+    fail_step: bool = False  # the first engine step raises (an engine bug in the middle of a batch)
 
     @classmethod
     def from_env(cls, role: str, worker_id: str) -> Faults:
@@ -70,7 +76,8 @@ class Faults:
             if scope not in (role, worker_id):
                 continue
             name, _, value = fault.partition("=")
-            kinds = {"exit_after_tokens": int, "corrupt": str, "stall_on_offer": float, "drop_router_after_tokens": int}
+            kinds = {"exit_after_tokens": int, "corrupt": str, "stall_on_offer": float, "drop_router_after_tokens": int,
+                     "slow_step": float}
             values[name] = kinds[name](value) if name in kinds else True
         return cls(**values)
 
@@ -88,6 +95,7 @@ class WorkerState:
     decode_worker: dict[str, str] = field(default_factory=dict)  # prefill side: request -> its decode worker
     plans: dict[str, HandoffPlan] = field(default_factory=dict)  # prefill side: request -> plan for its peer
     lease_peer: dict[str, str] = field(default_factory=dict)  # decode side: lease id -> producer worker
+    peer_epoch: dict[str, int] = field(default_factory=dict)  # decode side: lease id -> its producer's epoch
     streamed: dict[str, _Streamed] = field(default_factory=dict)
 
 
@@ -106,11 +114,14 @@ def logprobs_to_list(logprobs: tuple[Logprob, ...]) -> list[list[Any]]:
 
 class Worker:
     def __init__(self, worker_id: str, pool: PoolConfig, handoff: HandoffConfig, engine: Engine, conn: Conn,
-                 advertise_host: str) -> None:
+                 advertise_host: str, secret: str, supervise: SuperviseConfig | None = None, epoch: int = 1) -> None:
         self.worker_id = worker_id
+        self.epoch = epoch
         self.pool = pool
         self.engine = engine
         self.conn = conn
+        self.supervise = supervise or SuperviseConfig()
+        self.chunk = ChunkSizer(pool.max_step_s, pool.max_num_batched_tokens) if pool.max_step_s else None
         self.state = WorkerState()
         self.inbox: queue.Queue[dict[str, Any]] = queue.Queue()
         self.stopping = threading.Event()
@@ -123,12 +134,12 @@ class Worker:
         self.faults = Faults.from_env(pool.role, worker_id)
         if pool.role == "prefill":
             fault = FaultInjection(self.faults.corrupt, 0) if self.faults.corrupt else None
-            self.sender = make_sender(pool.transport, fault=fault)
+            self.sender = make_sender(pool.transport, fault=fault, key=secret.encode())
             # The plan is re-made per decode peer format; the router sends it with each request.
             self.producer = ProducerEndpoint(engine, self.sender, plan_handoff(engine.kv_format, engine.kv_format),
                                              lease_config, layers_per_post=8)
         elif pool.role == "decode":
-            self.receiver = make_receiver(pool.transport, host=advertise_host)
+            self.receiver = make_receiver(pool.transport, host=advertise_host, key=secret.encode())
             self.consumer = ConsumerEndpoint(engine, self.receiver, self.state.params.__getitem__, lease_config)
         self._last_stats = 0.0
         self._tokens_streamed = 0
@@ -152,32 +163,51 @@ class Worker:
         except PeerGone:
             self.inbox.put({"op": "shutdown", "reason": "router connection lost"})
 
+    def heartbeat_loop(self) -> None:
+        """Tell the router this process is alive, from a thread of its own: the engine step on
+        the main thread may run for seconds (torch releases the GIL), a frozen process cannot."""
+        while not self.stopping.wait(self.supervise.heartbeat_s):
+            try:
+                self.send({"op": "heartbeat"})
+            except PeerGone:
+                return  # the reader thread sees the loss and shuts the worker down
+
     def handle(self, message: dict[str, Any], now: float) -> None:
         op = message["op"]
         if op in ("prefill", "generate"):
             request_id = message["request_id"]
             params = params_from_dict(message["params"])
-            self.state.params[request_id] = params
-            self.state.streamed[request_id] = _Streamed()
-            if op == "prefill":
-                self.state.decode_worker[request_id] = message["decode_worker"]
-                self.state.plans[request_id] = plan_handoff(self.engine.kv_format,
-                                                            KVFormat.from_json(message["decode_format"]))
+            plan = (plan_handoff(self.engine.kv_format, KVFormat.from_json(message["decode_format"]))
+                    if op == "prefill" else None)
             try:
                 self.engine.add_request(request_id, list(message["prompt_token_ids"]), params)
-            except ValueError as exc:
+            except ValueError as exc:  # refused before anything was kept: nothing to forget
                 self.send({"op": "error", "request_id": request_id, "message": str(exc)})
+                return
+            self.state.params[request_id] = params
+            self.state.streamed[request_id] = _Streamed()
+            if plan is not None:
+                self.state.decode_worker[request_id] = message["decode_worker"]
+                self.state.plans[request_id] = plan
+        elif op == "alive":
+            self._renew_leases(message["workers"], now)
+        elif op == "peer_gone":
+            self._drop_peer(str(message["worker"]), int(message["epoch"]), now)
         elif op == "expect":
             self.state.params[message["request_id"]] = params_from_dict(message["params"])
             self.state.streamed[message["request_id"]] = _Streamed(sent=1)  # the first token came from prefill
         elif op == "lease":
             lease = message_from_dict(message["message"])
             if self.faults.stall_on_offer and isinstance(lease, ReserveRequest):
-                time.sleep(self.faults.stall_on_offer)  # a stuck decode worker: the offer waits unread
+                # A frozen decode worker (every thread stopped, heartbeats too), thawed later by a
+                # helper process: the offer waits unread and the router stops vouching for it.
+                subprocess.Popen(["sh", "-c", f"sleep {self.faults.stall_on_offer}; kill -CONT {os.getpid()}"])
+                os.kill(os.getpid(), signal.SIGSTOP)
                 self.faults = dataclasses.replace(self.faults, stall_on_offer=None)
                 now = time.monotonic()
             if self.consumer is not None:
                 self.state.lease_peer[lease.lease_id] = message["from"]
+                self.state.peer_epoch[lease.lease_id] = int(message.get("from_epoch", 1))
                 self._route(self.consumer.receive(lease, now), now)
             elif self.producer is not None:
                 self._route(self.producer.receive(lease, now), now)
@@ -193,6 +223,31 @@ class Worker:
         if self.consumer is not None and self.consumer.leases.get(request_id) is not None:
             self._route(self.consumer.abort(request_id, now, "aborted by the client"), now)
         self._forget(request_id)
+
+    def _lease_peers(self) -> list[tuple[ProducerEndpoint | ConsumerEndpoint, dict[str, str]]]:
+        """Each endpoint with its table of lease id -> the worker at the other end."""
+        if self.producer is not None:
+            return [(self.producer, self.state.decode_worker)]
+        if self.consumer is not None:
+            return [(self.consumer, self.state.lease_peer)]
+        return []
+
+    def _renew_leases(self, alive: dict[str, int], now: float) -> None:
+        """The router hears these workers: the leases shared with them stay alive however long
+        either side's engine steps take (their own messages may wait behind a step)."""
+        for endpoint, peers in self._lease_peers():
+            endpoint.leases.renew([lease for lease, peer in peers.items() if peer in alive], now)
+
+    def _drop_peer(self, worker_id: str, epoch: int, now: float) -> None:
+        """A worker incarnation left: end every live lease with it now rather than after a TTL
+        (the router also retries its requests; this frees what the router no longer tracks)."""
+        for endpoint, peers in self._lease_peers():
+            for lease_id, peer in list(peers.items()):
+                if peer != worker_id or self.state.peer_epoch.get(lease_id, epoch) > epoch:
+                    continue
+                lease = endpoint.leases.get(lease_id)
+                if lease is not None and lease.live:
+                    self._route(endpoint.abort(lease_id, now, f"peer {worker_id} (epoch {epoch}) left"), now)
 
     def _route(self, messages: list[Any], now: float) -> None:
         for m in messages:
@@ -212,6 +267,7 @@ class Worker:
     # ------------------------------------------------------------------ the loop
     def run(self) -> None:
         threading.Thread(target=self.read_loop, name="hetpd-worker-control", daemon=True).start()
+        threading.Thread(target=self.heartbeat_loop, name="hetpd-worker-heartbeat", daemon=True).start()
         trace_dir = os.environ.get(STEP_TRACE_ENV)
         self._step_trace = open(os.path.join(trace_dir, f"{self.worker_id}.jsonl"), "a", buffering=1) if trace_dir else None
         while not self.stopping.is_set():
@@ -245,7 +301,13 @@ class Worker:
         record: dict[str, Any] | None = None
         if self.engine.has_unfinished():
             cpu = time.thread_time()
-            result = self.engine.step()
+            result = self._engine_step()
+            if result is None:
+                return
+            if self.chunk is not None and result.work.prefill_tokens:
+                self.engine.scheduler.config = dataclasses.replace(
+                    self.engine.scheduler.config,
+                    max_num_batched_tokens=self.chunk.observe(result.work.prefill_tokens, time.monotonic() - now))
             if self._step_trace is not None and result.num_batched_tokens:
                 # Wall and this thread's CPU time of the engine step, with the work it did: the
                 # served steps the planner's step model can be checked (or fitted) against.
@@ -287,6 +349,29 @@ class Worker:
             record["after"] = time.monotonic() - now - record["wall"]
             self._step_trace.write(json.dumps(record) + "\n")
 
+    def _engine_step(self) -> StepResult | None:
+        """One engine step; if it raises (an engine bug, never bad input: that is refused at
+        add_request), the requests it was running are dropped here and handed back to the
+        router to retry elsewhere, and the worker goes on serving the rest."""
+        scheduler = self.engine.scheduler
+        in_step = [seq.seq_id for seq in (*scheduler.running, *scheduler.waiting)]
+        try:
+            if self.faults.fail_step:
+                self.faults = dataclasses.replace(self.faults, fail_step=False)
+                raise RuntimeError("injected engine failure")
+            if self.faults.slow_step and scheduler.waiting:
+                time.sleep(self.faults.slow_step)
+            return self.engine.step()
+        except Exception as exc:  # noqa: BLE001 - contain any engine failure to its requests
+            print(f"worker {self.worker_id}: engine step failed ({type(exc).__name__}: {exc}); dropping its "
+                  f"{len(in_step)} request(s) for the router to retry", file=sys.stderr, flush=True)
+            for request_id in in_step:
+                self.engine.abort(request_id)
+                self._forget(request_id)
+                self.send({"op": "error", "request_id": request_id, "retryable": True, "status": 500,
+                           "message": f"worker {self.worker_id}: engine step failed ({type(exc).__name__}: {exc})"})
+            return None
+
     def _stream(self, request_id: str) -> None:
         token_ids, logprobs = self.engine.progress(request_id)
         streamed = self.state.streamed[request_id]
@@ -326,6 +411,7 @@ class Worker:
                 continue
             for lease_id in [k for k in routes if endpoint.leases.get(k) is None and k not in self.state.params]:
                 del routes[lease_id]
+                self.state.peer_epoch.pop(lease_id, None)
 
     def _live_leases(self) -> int:
         return sum(e.live_leases() for e in (self.producer, self.consumer) if e is not None)
@@ -341,6 +427,8 @@ class Worker:
             "transient_bytes": sum(s.total_bytes for s in ledgers),
             "peak_transient_bytes": max((s.peak_total_bytes for s in ledgers), default=0),
             "kv_bytes_received": self.consumer.bytes_received if self.consumer is not None else 0,
+            "epoch": self.epoch,
+            "max_num_batched_tokens": self.engine.scheduler.config.max_num_batched_tokens,
         }
 
     def close(self) -> None:
@@ -362,7 +450,7 @@ def engine_config(pool: PoolConfig, model: str | None) -> EngineConfig:
 
 
 def serve_worker(router: str, secret: str, worker_id: str, pool: PoolConfig, handoff: HandoffConfig,
-                 model: str | None, advertise_host: str = "127.0.0.1",
+                 model: str | None, advertise_host: str = "127.0.0.1", supervise: SuperviseConfig | None = None,
                  log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> None:
     """Load the engine, join the router, serve until told to stop (or the router goes away)."""
     threads = os.environ.get("HETPD_TORCH_THREADS")
@@ -387,8 +475,10 @@ def serve_worker(router: str, secret: str, worker_id: str, pool: PoolConfig, han
         log(f"worker {worker_id}: the router refused to register it: {reply.get('reason')}")
         conn.close()
         raise SystemExit(3)
-    log(f"worker {worker_id} ({pool.role}, {pool.dtype} weights, {pool.kv_cache_dtype} KV) joined {router}")
-    worker = Worker(worker_id, pool, handoff, engine, conn, advertise_host)
+    epoch = int(reply.get("epoch", 1))
+    again = f" (epoch {epoch})" if epoch > 1 else ""
+    log(f"worker {worker_id} ({pool.role}, {pool.dtype} weights, {pool.kv_cache_dtype} KV) joined {router}{again}")
+    worker = Worker(worker_id, pool, handoff, engine, conn, advertise_host, secret, supervise, epoch)
     try:
         worker.run()
     finally:
@@ -398,10 +488,14 @@ def serve_worker(router: str, secret: str, worker_id: str, pool: PoolConfig, han
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="hetpd worker", description="Run one prefill, decode or colocated worker.")
     parser.add_argument("--router", required=True, help="HOST:PORT of the router's control listener")
-    parser.add_argument("--secret", default=os.environ.get("HETPD_SECRET"), help="shared secret (or $HETPD_SECRET)")
+    parser.add_argument("--secret-file", default=None, help="a file holding the shared secret (mode 600), e.g. the "
+                                                             "one `hetpd serve` prints; or set $HETPD_SECRET")
+    parser.add_argument("--secret", default=None, help="the shared secret itself (visible in `ps`: prefer "
+                                                        "--secret-file or $HETPD_SECRET)")
     parser.add_argument("--worker-id", default=None)
     parser.add_argument("--pool", default=None, help="the pool as JSON (what `hetpd serve` passes)")
     parser.add_argument("--handoff", default="{}", help="handoff settings as JSON")
+    parser.add_argument("--supervise", default="{}", help="heartbeat settings as JSON (the deployment's supervise:)")
     parser.add_argument("--model", default=None)
     parser.add_argument("--role", choices=["prefill", "decode", "colocated"])
     parser.add_argument("--dtype", default="float32")
@@ -410,8 +504,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--advertise-host", default="127.0.0.1", help="address other workers reach this one at")
     args = parser.parse_args(argv)
-    if not args.secret:
-        parser.error("--secret (or $HETPD_SECRET) is required: the router only accepts workers that know it")
+    try:
+        secret = args.secret or resolve(None, args.secret_file, SECRET_ENV, "--secret-file")
+    except CredentialError as exc:
+        parser.error(str(exc))
+    if not secret:
+        parser.error("--secret-file (or $HETPD_SECRET) is required: the router only accepts workers that know it")
     if args.pool:
         pool = PoolConfig.model_validate_json(args.pool)
     elif args.role:
@@ -420,8 +518,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         parser.error("give --role (or --pool)")
     worker_id = args.worker_id or f"{pool.name}-{socket.gethostname()}-{os.getpid()}"
-    serve_worker(args.router, args.secret, worker_id, pool, HandoffConfig.model_validate(json.loads(args.handoff)),
-                 args.model, args.advertise_host)
+    serve_worker(args.router, secret, worker_id, pool, HandoffConfig.model_validate(json.loads(args.handoff)),
+                 args.model, args.advertise_host, SuperviseConfig.model_validate(json.loads(args.supervise)))
 
 
 if __name__ == "__main__":
