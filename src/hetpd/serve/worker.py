@@ -45,6 +45,7 @@ from hetpd.transfer import (
     make_receiver,
     make_sender,
 )
+from hetpd.transfer.core import ReceiverCore
 from hetpd.transfer.net import Conn, PeerGone, connect
 
 STATS_EVERY_S = 0.25
@@ -479,6 +480,10 @@ def serve_worker(router: str, secret: str, worker_id: str, pool: PoolConfig, han
     again = f" (epoch {epoch})" if epoch > 1 else ""
     log(f"worker {worker_id} ({pool.role}, {pool.dtype} weights, {pool.kv_cache_dtype} KV) joined {router}{again}")
     worker = Worker(worker_id, pool, handoff, engine, conn, advertise_host, secret, supervise, epoch)
+    where = worker.receiver.address() if isinstance(worker.receiver, ReceiverCore) else {}
+    if "port" in where:
+        log(f"worker {worker_id}: KV receiver ({pool.transport}) on {where.get('host')}:{where.get('port')}, "
+            f"senders must prove the shared secret")
     try:
         worker.run()
     finally:

@@ -60,6 +60,10 @@ class ReceiverCore(TransferReceiver):
     def _address(self) -> dict[str, str | int]:
         """What a sender needs to reach this receiver."""
 
+    def address(self) -> dict[str, str | int]:
+        """Where senders reach this receiver (for logs and operators; senders use descriptors)."""
+        return self._address()
+
     @abstractmethod
     def _tell_peer(self, peer: Hashable, result: TransferResult) -> None:
         """Send the verdict on a transfer to the sender it is bound to (best effort)."""
