@@ -21,6 +21,7 @@ Each registration of a worker id is a new *epoch*; when one ends, the others are
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import secrets
 import time
@@ -57,6 +58,7 @@ class NotReady(RuntimeError):
 # Connections that have not proved they know the secret yet: each costs a task and a small
 # buffer until HANDSHAKE_TIMEOUT_S, so a flood of them is capped.
 MAX_UNAUTHENTICATED = 32
+DISPATCH_WINDOW_S = 30.0  # the dispatch rate that prices a queue position is measured over this
 RETRY_BACKOFF_S = 0.5  # times the attempt number, before retrying on a worker a handoff failed with
 ALIVE_HEARTBEATS = 3  # a worker is vouched for while its last heartbeat is this many intervals old at most
 MAX_BACKLOG = 16 << 20  # control bytes queued for a worker that reads none: past this it is cut off
@@ -123,7 +125,8 @@ class Router:
         self.metrics = Metrics()
         self._epochs: dict[str, int] = {}  # worker id -> its latest epoch
         self._capacity = asyncio.Event()
-        self._queued = 0
+        self._waiting: collections.deque[str] = collections.deque()  # queued request ids, oldest first
+        self._dispatched: collections.deque[float] = collections.deque()  # when recent requests were placed
         self._unauthenticated = 0
         self._server: asyncio.Server | None = None
         self._monitor: asyncio.Task[None] | None = None
@@ -385,13 +388,7 @@ class Router:
         # Random ids: a request's (and its transfers') id tells a stranger nothing to aim at.
         request = RequestState(f"req-{secrets.token_hex(12)}", prompt_token_ids, params, asyncio.Queue())
         request.mark("queued", arrived)
-        self._queued += 1
-        self.metrics.queue_depth.set(self._queued)
-        try:
-            workers = await self._place(request)
-        finally:
-            self._queued -= 1
-            self.metrics.queue_depth.set(self._queued)
+        workers = await self._place(request)
         self.requests[request.request_id] = request
         request.mark("dispatched")
         await self._dispatch(request, workers)
@@ -478,19 +475,67 @@ class Router:
             worker.pending_pages.pop(request.request_id, None)
             await self._send(worker, {"op": "abort", "request_id": request.wire_id})
 
+    def refusal(self) -> str | None:
+        """Why a request arriving now would be refused without waiting (None: it may be served
+        or queue). Cheap: the API asks before it spends CPU on the request (tokenising)."""
+        waiting = len(self._waiting)
+        return self._queue_refusal(waiting) if waiting and self.ready() else None
+
+    def _queue_refusal(self, waiting: int) -> str | None:
+        """Why a request that must queue behind ``waiting`` others is refused instead (or None)."""
+        limit = self.deploy.router.max_queue
+        if waiting >= limit:
+            return (f"every decode worker is full and {waiting} requests are queued (router.max_queue {limit}); "
+                    f"retry shortly")
+        rate = self._dispatch_rate()
+        wait_limit = self.deploy.router.max_queue_wait_s
+        if waiting and rate > 0 and (waiting + 1) / rate > wait_limit:
+            return (f"every decode worker is full and the queue would hold this request ~{(waiting + 1) / rate:.0f}s "
+                    f"({waiting} ahead, {rate:.1f} dispatched/s), over router.max_queue_wait_s {wait_limit:g}s; "
+                    f"retry shortly")
+        return None
+
+    def _dispatch_rate(self) -> float:
+        """Requests dispatched per second over the recent window (0 when unknown)."""
+        now = time.monotonic()
+        while self._dispatched and now - self._dispatched[0] > DISPATCH_WINDOW_S:
+            self._dispatched.popleft()
+        if len(self._dispatched) < 2:
+            return 0.0
+        return len(self._dispatched) / max(now - self._dispatched[0], 1e-3)
+
     async def _place(self, request: RequestState) -> list[WorkerHandle]:
-        deadline = time.monotonic() + 30.0
-        while True:
+        """Workers for a new request, first come first served: a request queues behind those
+        already waiting, and only the head of the queue takes capacity as it frees up."""
+        if not self._waiting:
             chosen = self._choose(len(request.prompt_token_ids))
             if chosen is not None:
+                self._dispatched.append(time.monotonic())
                 return chosen
-            if self._queued > self.deploy.router.max_queue or time.monotonic() > deadline:
-                raise Overloaded("every decode worker is full; retry shortly")
-            self._capacity.clear()
-            try:
-                await asyncio.wait_for(self._capacity.wait(), timeout=max(0.05, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                pass
+        reason = self._queue_refusal(len(self._waiting))
+        if reason is not None:
+            raise Overloaded(reason)
+        deadline = time.monotonic() + 2 * self.deploy.router.max_queue_wait_s
+        self._waiting.append(request.request_id)
+        self.metrics.queue_depth.set(len(self._waiting))
+        try:
+            while True:
+                if self._waiting[0] == request.request_id:
+                    chosen = self._choose(len(request.prompt_token_ids))
+                    if chosen is not None:
+                        self._dispatched.append(time.monotonic())
+                        return chosen
+                if time.monotonic() > deadline:
+                    raise Overloaded("no capacity freed up in time; retry shortly")
+                self._capacity.clear()
+                try:
+                    await asyncio.wait_for(self._capacity.wait(), timeout=max(0.05, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            self._waiting.remove(request.request_id)
+            self.metrics.queue_depth.set(len(self._waiting))
+            self._capacity.set()  # the next in line looks again
 
     def _choose(self, num_prompt_tokens: int, avoid: set[str] | None = None) -> list[WorkerHandle] | None:
         avoid = avoid or set()
@@ -498,14 +543,17 @@ class Router:
         for w in self.workers.values():
             if w.worker_id not in avoid and w.responsive:
                 by_role.setdefault(w.role, []).append(w)
+        def fits(w: WorkerHandle) -> bool:  # a sequence slot and the prompt's pages (the rest queue here)
+            return w.free_pages() >= -(-num_prompt_tokens // w.block_size) and len(w.assigned) < w.max_num_seqs
+
         if "colocated" in by_role and not ("prefill" in by_role and "decode" in by_role):
-            return [min(by_role["colocated"], key=lambda w: len(w.assigned))]
+            room = [w for w in by_role["colocated"] if fits(w)]
+            return [min(room, key=lambda w: len(w.assigned))] if room else None
         prefill = min(by_role.get("prefill", []), key=lambda w: len(w.assigned), default=None)
-        fits = [d for d in by_role.get("decode", [])
-                if d.free_pages() >= -(-num_prompt_tokens // d.block_size) and len(d.assigned) < d.max_num_seqs]
-        if prefill is None or not fits:
+        decoders = [d for d in by_role.get("decode", []) if fits(d)]
+        if prefill is None or not decoders:
             return None
-        return [prefill, max(fits, key=lambda d: d.free_pages())]
+        return [prefill, max(decoders, key=lambda d: d.free_pages())]
 
     def max_model_len(self) -> int:
         return min((w.max_model_len for w in self.workers.values()), default=0)
