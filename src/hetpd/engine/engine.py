@@ -157,7 +157,11 @@ class Engine:
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
     ) -> None:
-        """Queue a request; raises ValueError (naming the field) before touching any state."""
+        """Queue a request; raises ValueError (naming the field) before touching any state.
+
+        Atomic: everything that can fail (validation, the request and its seeded generator) is
+        built before the scheduler sees the sequence. A sequence scheduled without its request
+        would make the next :meth:`step` fail on every request in the batch."""
         if request_id in self._requests or request_id in self._held or request_id in self._reserved:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self._validate_tokens(prompt_token_ids, params)
@@ -165,8 +169,9 @@ class Engine:
         # pool for the whole generation would refuse requests it can serve.
         horizon = 1 if self.config.role == "prefill" else params.max_tokens
         seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), horizon)
+        request = self._new_request(request_id, prompt, params, seq)
         self.scheduler.add(seq)
-        self._requests[request_id] = self._new_request(request_id, prompt, params, seq)
+        self._requests[request_id] = request
 
     def is_running(self, request_id: str) -> bool:
         """Queued or running here (not held for a handoff, not reserved, not finished)."""
@@ -320,16 +325,16 @@ class Engine:
         blocks = self._reserved[request_id]
         if len(blocks) < self.allocator.blocks_for_tokens(export.num_tokens):
             raise ValueError(f"reservation of {len(blocks)} pages is too small for {export.num_tokens} tokens")
+        seq = Sequence(request_id, list(export.token_ids), export.num_tokens, params.max_tokens)
+        request = self._new_request(request_id, None, params, seq)  # before any state changes: it can raise
         mine = self.kv_format
         encoded, _ = convert(unpack(export.payload, export.format, export.num_tokens), export.format, mine)
         self.kv_cache.write_tokens(self.kv_cache.slots_of(blocks, export.num_tokens), encoded.codes, encoded.scales)
         del self._reserved[request_id]
 
-        seq = Sequence(request_id, list(export.token_ids), export.num_tokens, params.max_tokens)
         seq.num_computed_tokens = export.num_tokens
         seq.block_table = blocks
         self.scheduler.add_running(seq)
-        request = self._new_request(request_id, None, params, seq)
         request.first_token_time = request.arrival_time
         first_token = export.token_ids[-1]
         if params.logprobs is not None and export.first_token_logprob is not None:
@@ -362,11 +367,16 @@ class Engine:
 
     # ------------------------------------------------------------------ helpers
     def _new_request(self, request_id: str, prompt: str | None, params: SamplingParams, seq: Sequence) -> _Request:
+        """The request's bookkeeping and generator; changes no engine state (callers rely on it to fail first)."""
         generator = None
         if not params.greedy:
             generator = self._generator
             if params.seed is not None:
-                generator = torch.Generator(device=self.device).manual_seed(params.seed)
+                try:
+                    generator = torch.Generator(device=self.device).manual_seed(params.seed)
+                except (OverflowError, RuntimeError, TypeError, ValueError) as exc:
+                    # SamplingParams keeps seeds in range; this guards a params object built around it.
+                    raise ValueError(f"seed {params.seed!r} cannot seed a generator: {exc}") from exc
         return _Request(request_id, prompt, params, seq, generator, time.monotonic())
 
     def _validate_tokens(self, token_ids: list[int], params: SamplingParams) -> None:

@@ -9,6 +9,8 @@ import torch
 
 from hetpd.sampling_params import SamplingParams
 
+_TINY = torch.finfo(torch.float32).tiny  # 1 / tiny is still finite in float32
+
 
 @dataclass(frozen=True)
 class TokenLogprobs:
@@ -31,17 +33,20 @@ def sample(
 ) -> SampleResult:
     """Pick one token per row of ``logits`` ([N, vocab], float32).
 
-    Greedy rows take the argmax. Other rows apply temperature, top-k, then top-p, and draw
-    with the row's own generator (seeded requests are reproducible whatever their batch).
+    Greedy rows (temperature below ``GREEDY_BELOW``) take the argmax. Other rows apply
+    temperature, top-k, then top-p, and draw with the row's own generator (seeded requests are
+    reproducible whatever their batch).
     """
     tokens = logits.argmax(dim=-1)
     for row, (p, generator) in enumerate(zip(params, generators)):
-        if p.greedy:
+        if p.greedy:  # also every temperature so small that logits / temperature would overflow
             continue
         scaled = _filter_top_k_top_p(logits[row] / p.temperature, p.top_k, p.top_p)
         probs = torch.softmax(scaled, dim=-1)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p; one kernel, no sort.
-        noise = torch.empty_like(probs).exponential_(generator=generator)
+        # E is kept above 0: a filtered token (p = 0) over E = 0 is NaN, and argmax takes NaN
+        # as the largest value, so it would pick a token top-k/top-p had removed.
+        noise = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(_TINY)
         tokens[row] = (probs / noise).argmax()
     token_list = tokens.tolist()
     logprobs: list[TokenLogprobs | None] = [None] * len(params)

@@ -71,7 +71,7 @@ class RouterConfig(_Strict):
     max_queue_wait_s: float = Field(15.0, gt=0, description="refuse at once (503 + Retry-After) a request the queue "
                                                             "would hold longer than this at the recent dispatch rate")
     metrics_public: bool = Field(False, description="serve /metrics without the API key even when one is set")
-    max_body_bytes: int = Field(16 << 20, ge=1024, description="largest HTTP request body; larger ones get 413")
+    max_body_bytes: int = Field(8 << 20, ge=1024, description="largest HTTP request body; larger ones get 413")
     header_timeout_s: float = Field(10.0, gt=0, description="a connection must send a request's headers within this")
     body_timeout_s: float = Field(30.0, gt=0, description="and its body within this, once the headers arrived")
 
