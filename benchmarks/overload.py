@@ -3,7 +3,9 @@
 
 Starts `hetpd serve` (real processes), measures the answered rate it sustains with a closed loop
 of clients (``--concurrency``, default 2x a worker's ``max_num_seqs``), then sends ``--requests``
-Poisson arrivals at ``--factor`` times that rate, then idles. Reports: the answered rate during
+Poisson arrivals at ``--factor`` times that rate, then idles. Both rates count answers once the
+pipeline is full (``--settle-s`` into the phase) until the phase's last arrival; output lengths
+vary around ``--max-tokens`` so batches do not finish in lock-step waves. Reports: the answered rate during
 the soak against the sustained one, how the rest were refused (503 + Retry-After, and how early),
 the router's and each worker's RSS over time (flat after warm-up?), and the pages and leases
 held once idle (zero?).
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -31,7 +34,7 @@ import httpx
 import yaml
 
 from hetpd.models.default_model import default_model_dir
-from hetpd.serve.local import local_server
+from hetpd.serve.local import local_server, worker_pids
 
 OUT = Path(__file__).parent / "results" / "overload"
 PROMPT_WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hum".split()
@@ -47,8 +50,11 @@ class Outcome:
     error: str | None
 
 
-def prompt(rng: random.Random, words: int) -> str:
-    return " ".join(rng.choice(PROMPT_WORDS) for _ in range(words))
+def request(rng: random.Random, model: str, words: int, max_tokens: int) -> dict[str, Any]:
+    """A completion of ``max_tokens`` on average (half to one and a half times): lengths that
+    differ, so a full batch does not finish in one lock-step wave."""
+    return {"model": model, "prompt": " ".join(rng.choice(PROMPT_WORDS) for _ in range(words)),
+            "max_tokens": rng.randint(max_tokens // 2, max_tokens * 3 // 2), "temperature": 0, "ignore_eos": True}
 
 
 async def one(client: httpx.AsyncClient, body: dict[str, Any], origin: float, timeout: float) -> Outcome:
@@ -72,9 +78,7 @@ async def closed_loop(url: str, model: str, concurrency: int, seconds: float, wo
     async with httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=concurrency + 8)) as client:
         async def loop() -> None:
             while time.monotonic() - origin < seconds:
-                body = {"model": model, "prompt": prompt(rng, words), "max_tokens": max_tokens, "temperature": 0,
-                        "ignore_eos": True}
-                outcomes.append(await one(client, body, origin, timeout))
+                outcomes.append(await one(client, request(rng, model, words, max_tokens), origin, timeout))
         await asyncio.gather(*(loop() for _ in range(concurrency)))
     return outcomes
 
@@ -89,9 +93,7 @@ async def open_loop(url: str, model: str, rate: float, count: int, words: int, m
         for _ in range(count):
             at += rng.expovariate(rate)
             await asyncio.sleep(max(0.0, origin + at - time.monotonic()))
-            body = {"model": model, "prompt": prompt(rng, words), "max_tokens": max_tokens, "temperature": 0,
-                    "ignore_eos": True}
-            tasks.append(asyncio.create_task(one(client, body, origin, timeout)))
+            tasks.append(asyncio.create_task(one(client, request(rng, model, words, max_tokens), origin, timeout)))
         return list(await asyncio.gather(*tasks))
 
 
@@ -105,27 +107,24 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def children(pid: int) -> dict[str, int]:
-    """Worker id -> pid of ``hetpd serve``'s worker processes."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if parent == pid and b"--worker-id" in args:
-            found[args[args.index(b"--worker-id") + 1].decode()] = int(entry.name)
-    return found
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
 
 
 async def sample_memory(server_pid: int, samples: list[dict[str, float]], origin: float,
                         stop: asyncio.Event) -> None:
+    """Every 2 s: RSS (MiB) and CPU seconds so far of the router, each worker and this client."""
     while not stop.is_set():
-        row = {"t": time.monotonic() - origin, "router": rss_mb(server_pid)}
-        row.update({worker: rss_mb(pid) for worker, pid in children(server_pid).items()})
+        row = {"t": time.monotonic() - origin, "router": rss_mb(server_pid), "cpu:router": cpu_s(server_pid),
+               "cpu:client": cpu_s(os.getpid())}
+        for worker, pid in worker_pids(server_pid).items():
+            row[worker] = rss_mb(pid)
+            row[f"cpu:{worker}"] = cpu_s(pid)
         samples.append(row)
         try:
             await asyncio.wait_for(stop.wait(), timeout=2.0)
@@ -133,14 +132,32 @@ async def sample_memory(server_pid: int, samples: list[dict[str, float]], origin
             pass
 
 
-def summarise(outcomes: list[Outcome]) -> dict[str, Any]:
+def cpu_share(memory: list[dict[str, float]], start: float, end: float) -> dict[str, float]:
+    """Cores each process used on average between ``start`` and ``end`` (seconds since origin)."""
+    inside = [m for m in memory if start <= m["t"] <= end]
+    if len(inside) < 2:
+        return {}
+    first, last = inside[0], inside[-1]
+    return {key[4:]: round((last[key] - first[key]) / (last["t"] - first["t"]), 3)
+            for key in first if key.startswith("cpu:") and key in last}
+
+
+def steady_rate(outcomes: list[Outcome], start: float, end: float) -> float:
+    """Answers per second that ended within [start, end]: the rate once the pipeline is full."""
+    return sum(1 for o in outcomes if o.status == 200 and start <= o.ended <= end) / (end - start)
+
+
+def summarise(outcomes: list[Outcome], settle_s: float) -> dict[str, Any]:
     answered = [o for o in outcomes if o.status == 200]
     refused = [o for o in outcomes if o.status == 503]
     other = [o for o in outcomes if o.status not in (200, 503)]
     span = max(o.ended for o in answered) - min(o.sent for o in outcomes) if answered else float("nan")
+    last_arrival = max(o.sent for o in outcomes)
     return {
         "requests": len(outcomes), "answered": len(answered), "refused_503": len(refused), "other": len(other),
-        "answered_per_s": len(answered) / span if answered else 0.0, "span_s": span,
+        # While the overload lasts: from settle_s after the first arrival to the last arrival.
+        "answered_per_s": steady_rate(outcomes, settle_s, last_arrival) if answered else 0.0,
+        "answered_per_s_whole_run": len(answered) / span if answered else 0.0, "span_s": span,
         "refused_with_retry_after": sum(1 for o in refused if o.retry_after),
         "refusal_seconds_median": statistics.median([o.ended - o.sent for o in refused]) if refused else None,
         "refusal_seconds_p99": (sorted(o.ended - o.sent for o in refused)[int(0.99 * (len(refused) - 1))]
@@ -168,7 +185,7 @@ def plot(soak: list[Outcome], memory: list[dict[str, float]], sustained: float, 
     top.set_ylabel("requests per second")
     top.legend()
     top.set_title("Responses per 10 s at twice the sustainable rate")
-    keys = [k for k in memory[0] if k != "t"] if memory else []
+    keys = [k for k in memory[0] if k != "t" and not k.startswith("cpu:")] if memory else []
     for key in keys:
         bottom.plot([m["t"] for m in memory], [m.get(key, float("nan")) for m in memory], label=key)
     bottom.set_xlabel("seconds since the server came up")
@@ -188,30 +205,33 @@ async def run(args: argparse.Namespace, url: str, server_pid: int) -> dict[str, 
     await closed_loop(url, args.served_name, 4, 15, args.prompt_words, args.max_tokens, args.timeout)
     print(f"== sustained rate: closed loop of {args.concurrency} clients for {args.capacity_s:.0f}s",
           file=sys.stderr, flush=True)
+    capacity_started = time.monotonic() - origin
     capacity = await closed_loop(url, args.served_name, args.concurrency, args.capacity_s, args.prompt_words,
                                  args.max_tokens, args.timeout)
-    steady = [o for o in capacity if o.status == 200 and o.ended > 0.2 * args.capacity_s]
-    sustained = len(steady) / (max(o.ended for o in steady) - 0.2 * args.capacity_s)
+    sustained = steady_rate(capacity, args.settle_s, args.capacity_s)
     rate = args.factor * sustained
     print(f"   sustained {sustained:.2f} answered/s; soak: {args.requests} requests at {rate:.2f}/s",
           file=sys.stderr, flush=True)
     soak_started = time.monotonic() - origin
     soak = await open_loop(url, args.served_name, rate, args.requests, args.prompt_words, args.max_tokens,
                            args.timeout)
+    soak_ended = time.monotonic() - origin
     print("== idle", file=sys.stderr, flush=True)
     await asyncio.sleep(args.idle_s)
     async with httpx.AsyncClient(base_url=url) as client:
         workers = (await client.get("/v1/admin/workers")).json()
     stop.set()
     await sampler
-    summary = summarise(soak)
+    summary = summarise(soak, args.settle_s)
     summary["sustained_per_s"] = sustained
     summary["offered_per_s"] = rate
     summary["answered_over_sustained"] = summary["answered_per_s"] / sustained
     after_warmup = [m for m in memory if m["t"] >= soak_started]
     summary["rss_mb"] = {key: {"soak_start": after_warmup[0][key], "max": max(m.get(key, 0.0) for m in after_warmup),
                                "end": after_warmup[-1][key]}
-                         for key in after_warmup[0] if key != "t"} if after_warmup else {}
+                         for key in after_warmup[0] if key != "t" and not key.startswith("cpu:")} if after_warmup else {}
+    summary["cpu_share"] = {"capacity": cpu_share(memory, capacity_started, soak_started),
+                            "soak": cpu_share(memory, soak_started, soak_ended)}
     summary["idle_workers"] = {w: {k: v.get(k) for k in ("pages_in_use", "live_leases", "held", "reserved")}
                                for w, v in workers.items()}
     plot(soak, memory, sustained, OUT / "overload.png")
@@ -227,6 +247,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--capacity-s", type=float, default=90.0)
     parser.add_argument("--idle-s", type=float, default=15.0)
+    parser.add_argument("--settle-s", type=float, default=20.0,
+                        help="rates count answers from this long after a phase starts (the pipeline filling up)")
     parser.add_argument("--prompt-words", type=int, default=48)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--timeout", type=float, default=120.0)

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers
 
 VOCAB_WORDS = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(253)]
 CHAT_TEMPLATE = (
@@ -42,8 +44,14 @@ ARCH_OVERRIDES: dict[str, dict[str, Any]] = {
 def make_tiny_model(kind: str, out_dir: Path, seed: int = 0) -> Path:
     """Write an HF folder (config, safetensors, tokenizer) for ``kind`` and return it."""
     from transformers import (  # noqa: PLC0415 - heavy import only where needed
-        LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-        Qwen3Config, Qwen3ForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
     )
 
     classes = {
@@ -72,7 +80,7 @@ def make_tiny_model(kind: str, out_dir: Path, seed: int = 0) -> Path:
 
 
 def write_tiny_tokenizer(out_dir: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB_WORDS)}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -83,3 +91,20 @@ def write_tiny_tokenizer(out_dir: Path) -> None:
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         "chat_template": CHAT_TEMPLATE,
     }))
+
+
+def byte_level(longest: int = 64, normalizer: Any = None) -> HFTokenizer:
+    """A byte-level BPE (as SmolLM2's, Llama 3's) whose longest token is ``longest`` a's."""
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges, piece = [], "a"
+    while len(piece) < longest:
+        merges.append((piece, piece))
+        piece *= 2
+        vocab[piece] = len(vocab)
+    tokenizer = HFTokenizer(models.BPE(vocab=vocab, merges=merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    if normalizer is not None:
+        tokenizer.normalizer = normalizer
+    tokenizer.add_special_tokens(["<s>", "</s>"])
+    return tokenizer

@@ -13,30 +13,14 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_models import byte_level
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, normalizers, pre_tokenizers
+from tokenizers import models, normalizers
 
 from hetpd.models.tokenizer import Tokenizer, bytes_per_token_bound, utf8_length
 
 TEXTS = ["", "w5 w17 w42", "Hello, world! 123 456", "héllo 漢字 \U0001f600 \x04\x00 tabs\tand\nnewlines   ",
          "a" * 5000, "<s> special </s> inside"]
-
-
-def byte_level(longest: int = 64, normalizer: Any = None) -> HFTokenizer:
-    """A byte-level BPE (as SmolLM2's, Llama 3's) whose longest token is ``longest`` a's."""
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    merges, piece = [], "a"
-    while len(piece) < longest:
-        merges.append((piece, piece))
-        piece *= 2
-        vocab[piece] = len(vocab)
-    tokenizer = HFTokenizer(models.BPE(vocab=vocab, merges=merges))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    if normalizer is not None:
-        tokenizer.normalizer = normalizer
-    tokenizer.add_special_tokens(["<s>", "</s>"])
-    return tokenizer
 
 
 def spec(tokenizer: HFTokenizer) -> dict[str, Any]:

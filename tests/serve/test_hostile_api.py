@@ -25,9 +25,7 @@ from typing import Any
 import pytest
 import torch
 from serve.served import Served, serve
-from tiny_models import BASE, CHAT_TEMPLATE
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers
+from tiny_models import BASE, CHAT_TEMPLATE, byte_level
 
 from hetpd.models.tokenizer import Tokenizer
 from hetpd.sampling_params import SEED_MAX, SEED_MIN
@@ -42,24 +40,10 @@ MAX_BODY = 6 << 20
 PROMPT = "the cat sat on the mat"
 
 
-def byte_level_tokenizer() -> HFTokenizer:
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    merges, piece = [], "a"
-    while len(piece) < LONGEST_TOKEN:
-        merges.append((piece, piece))
-        piece *= 2
-        vocab[piece] = len(vocab)
-    tokenizer = HFTokenizer(models.BPE(vocab=vocab, merges=merges))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(["<s>", "</s>"])
-    return tokenizer
-
-
 def make_byte_level_model(out_dir: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = byte_level_tokenizer()
+    tokenizer = byte_level(LONGEST_TOKEN)
     config = LlamaConfig(**{**BASE, "vocab_size": tokenizer.get_vocab_size(), "max_position_embeddings": CONTEXT,
                             "bos_token_id": tokenizer.token_to_id("<s>"), "eos_token_id": tokenizer.token_to_id("</s>")})
     torch.manual_seed(0)
@@ -273,7 +257,7 @@ def test_a_prompt_of_the_whole_context_is_a_400_and_one_token_less_gets_one_toke
 
 @pytest.mark.timeout(120)
 def test_token_ids_must_be_integers_of_the_vocabulary(served: Served) -> None:
-    vocab = Tokenizer(byte_level_tokenizer(), {}).vocab_size
+    vocab = Tokenizer(byte_level(LONGEST_TOKEN), {}).vocab_size
     for ids in ([True, 5], [5, 1.5], [5, "6"], [-1], [vocab], [10**30], []):
         status, reply = complete(served, prompt=ids, max_tokens=2)
         assert status == 400 and reply["error"]["param"] == "prompt", (ids, reply)

@@ -21,7 +21,9 @@ from typing import Any
 
 import pytest
 from serve.served import Served, serve
+from transfer.rogue import closed_within
 
+from hetpd.serve.local import worker_pids
 from hetpd.transfer.tcp import DATA, END, FLAG_FINAL, FRAME, MAGIC
 
 PROMPTS = [f"w{i} w{i + 7} w{i + 30} w{i * 3 % 200} w{i + 1}" for i in range(12)]
@@ -49,39 +51,11 @@ def kv_receiver(served: Served) -> tuple[str, int]:
     return match.group(1), int(match.group(2))
 
 
-def pid_of(served: Served, worker_id: str) -> int:
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                args = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"--worker-id" in args and args[args.index(b"--worker-id") + 1] == worker_id.encode() \
-                    and str(served.process.pid) in (entry / "stat").read_text().rsplit(")", 1)[1].split()[1:2]:
-                return int(entry.name)
-    raise AssertionError(f"no process for {worker_id}")
-
-
 def rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
-
-
-def closed_by_peer(sock: socket.socket, seconds: float) -> bool:
-    """Whether the other end closes ``sock`` within ``seconds`` (reading and dropping what it sends)."""
-    deadline = time.monotonic() + seconds
-    try:
-        while (left := deadline - time.monotonic()) > 0:
-            sock.settimeout(left)
-            if sock.recv(65536) == b"":
-                return True
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
-    return False
 
 
 def forged(transfer_id: str) -> bytes:
@@ -108,7 +82,7 @@ def test_a_stranger_cannot_hijack_kv_transfers(tiny_model_dir: Callable[[str], P
                         sock.sendall(forged(f"req-{n}~1@1") + forged(f"req-{n + 1}~1@1"))
                     except (BrokenPipeError, ConnectionResetError):
                         pass
-                    attempts.append(closed_by_peer(sock, 10.0))
+                    attempts.append(closed_within(sock, 10.0))
                 n += 1
 
         attackers = [threading.Thread(target=attack, daemon=True) for _ in range(3)]
@@ -138,7 +112,7 @@ def test_connection_floods_cost_the_kv_receiver_nothing(transport: str, tiny_mod
     with serve(deployment(tiny_model_dir("llama"), transport), tmp_path) as served:
         expected = complete(served, PROMPTS[0])
         host, port = kv_receiver(served)
-        decode = pid_of(served, "decode-0")
+        decode = worker_pids(served.process.pid)["decode-0"]
         before = rss_kb(decode)
         floods = []
         for _ in range(50):  # more than the per-peer cap: the rest are closed at accept
@@ -150,7 +124,7 @@ def test_connection_floods_cost_the_kv_receiver_nothing(transport: str, tiny_mod
                 pass
         assert complete(served, PROMPTS[0]) == expected  # serving goes on meanwhile
         started = time.monotonic()
-        assert all(closed_by_peer(sock, 15.0) for sock in floods)
+        assert all(closed_within(sock, 15.0) for sock in floods)
         closed_after = time.monotonic() - started
         for sock in floods:
             sock.close()
@@ -175,7 +149,7 @@ def test_strangers_on_the_control_port_cost_the_router_nothing(tiny_model_dir: C
                 pass  # over the cap: already closed
             strangers.append(sock)
         assert complete(served, PROMPTS[0])  # the deployment serves meanwhile
-        assert all(closed_by_peer(sock, 10.0) for sock in strangers)
+        assert all(closed_within(sock, 10.0) for sock in strangers)
         for sock in strangers:
             sock.close()
         grown = rss_kb(served.process.pid) - before

@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 from serve.served import Served, serve
 
+from hetpd.serve.local import worker_pids
+
 PROMPTS = ["w5 w17 w42 w8 w99 w3 w61", "w7 w120 w33 w2 w250 w11", "w40 w41 w42 w43 w44 w45 w46 w47"]
 MAX_TOKENS = 16
 DEADLINE_S = 60.0
@@ -58,19 +60,9 @@ def ask(served: Served, prompt: str, timeout: float = DEADLINE_S) -> tuple[int, 
 
 
 def worker_pid(served: Served, worker_id: str) -> int:
-    """The pid of ``hetpd serve``'s child running ``worker_id`` (found in /proc)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if parent == served.process.pid and b"--worker-id" in args and args[args.index(b"--worker-id") + 1] == \
-                worker_id.encode():
-            return int(entry.name)
-    raise AssertionError(f"no live process for {worker_id}")
+    pid = worker_pids(served.process.pid).get(worker_id)
+    assert pid is not None, f"no live process for {worker_id}"
+    return pid
 
 
 @dataclass

@@ -20,7 +20,6 @@ from hetpd.models.tokenizer import Tokenizer
 from hetpd.sampling_params import SamplingParams
 
 PROMPT = "w5 w17 w42 w8 w99 w3 w61 w7 w120 w33 w2 w250"
-SECRET = "topology-secret"
 
 
 def colocated_text(model: Path, max_tokens: int, **engine: Any) -> str:
@@ -76,17 +75,19 @@ def test_colocated_mode(tiny_model_dir: Callable[[str], Path], tmp_path: Path) -
 def test_a_worker_started_by_hand_joins_and_serves(tiny_model_dir: Callable[[str], Path], tmp_path: Path) -> None:
     """How a deployment spans machines: `hetpd worker --router HOST:PORT` joins a running router."""
     model = tiny_model_dir("llama")
-    deploy = {"model": str(model), "served_model_name": "tiny", "router": {"host": "127.0.0.1", "secret": SECRET},
+    deploy = {"model": str(model), "served_model_name": "tiny", "router": {"host": "127.0.0.1"},  # secret generated
               "pools": [{"name": "prefill", "role": "prefill", "num_kv_blocks": 64, "transport": "tcp"},
                         {"name": "decode", "role": "decode", "num_kv_blocks": 64, "transport": "tcp",
                          "kv_cache_dtype": "int8"}]}
     with serve(deploy, tmp_path) as served:
         control = served.log().split("router control on ")[1].split(";")[0]
+        secret_file = served.log().split("shared secret in ")[1].split(" ")[0]  # the 0600 file hetpd serve wrote
+        env = {k: v for k, v in os.environ.items() if k != "HETPD_SECRET"}
         extra = subprocess.Popen(
             [sys.executable, "-m", "hetpd.cli", "worker", "--router", control, "--role", "decode", "--worker-id",
              "decode-by-hand", "--model", str(model), "--kv-cache-dtype", "fp8", "--transport", "tcp",
-             "--num-kv-blocks", "64", "--advertise-host", "127.0.0.1"],
-            env={**os.environ, "HETPD_SECRET": SECRET}, stderr=subprocess.PIPE, text=True)
+             "--num-kv-blocks", "64", "--advertise-host", "127.0.0.1", "--secret-file", secret_file],
+            env=env, stderr=subprocess.PIPE, text=True)
         try:
             deadline = time.monotonic() + 120
             while "decode-by-hand" not in served.get("/health")["workers"]:

@@ -56,3 +56,20 @@ def local_server(config: Path, log_path: Path, timeout: float = 300.0,
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def worker_pids(server_pid: int) -> dict[str, int]:
+    """Worker id -> pid of each worker process a ``hetpd serve`` (``server_pid``) runs now (from
+    /proc; Linux): for tests and benchmarks that kill, freeze or measure one."""
+    found: dict[str, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile, or not ours to read
+        if parent == server_pid and b"--worker-id" in args[:-1]:
+            found[args[args.index(b"--worker-id") + 1].decode()] = int(entry.name)
+    return found
