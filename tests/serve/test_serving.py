@@ -24,6 +24,7 @@ from serve.served import Served, serve
 from hetpd.engine.config import EngineConfig
 from hetpd.engine.disaggregated import DisaggregatedPair
 from hetpd.engine.engine import Engine
+from hetpd.kv.plan import plan_handoff
 from hetpd.models.tokenizer import Tokenizer
 from hetpd.sampling_params import SamplingParams
 
@@ -171,6 +172,27 @@ def test_the_api_key_is_required(served: Served) -> None:
     assert code == 401 and "API key" in reply["error"]["message"]
     code, _ = _post(served, "/v1/completions", {"model": "tiny", "prompt": PROMPT}, key="wrong")
     assert code == 401
+
+
+@pytest.mark.timeout(120)
+def test_the_kv_crosses_in_the_planned_wire_format(served: Served, client: openai.OpenAI,
+                                                    tiny_model_dir: Callable[[str], Path]) -> None:
+    """fp32 prefill to int8 decode: the plan quantises on the producer, so int8 bytes (plus
+    scales) cross, not fp32 ones converted on arrival."""
+    model = str(tiny_model_dir("llama"))
+    producer = Engine.from_config(EngineConfig(model=model, role="prefill", **PREFILL))  # type: ignore[arg-type]
+    consumer = Engine.from_config(EngineConfig(model=model, role="decode", **DECODE))  # type: ignore[arg-type]
+    wire = plan_handoff(producer.kv_format, consumer.kv_format).wire
+    assert wire.dtype == "int8" and wire.bytes_per_token() < producer.kv_format.bytes_per_token() / 2
+    before = served.get("/v1/admin/workers")["decode-0"]["kv_bytes_received"]
+    reply = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0)
+    assert reply.usage is not None
+    prompt_tokens = reply.usage.prompt_tokens
+    deadline = time.monotonic() + 10
+    while (received := served.get("/v1/admin/workers")["decode-0"]["kv_bytes_received"]) == before:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert received - before == wire.payload_bytes(prompt_tokens)
 
 
 @pytest.mark.timeout(120)

@@ -317,9 +317,13 @@ class Worker:
             for out in result.finished:
                 self._send_output(out.request_id, out)
             for out in result.handed_off:
+                # Take the request's plan (its decode peer's wire format) before sending the first
+                # token forgets the request here: without it the KV would cross in this worker's
+                # own format, e.g. fp32 where the plan quantises to int8 on this side.
+                plan = self.state.plans.pop(out.request_id, None)
                 self._send_output(out.request_id, out, handed_off=True)
                 assert self.producer is not None
-                self._route(self.producer.offer(out.request_id, now, self.state.plans.pop(out.request_id, None)), now)
+                self._route(self.producer.offer(out.request_id, now, plan), now)
                 if self.faults.exit_after_offer:
                     os._exit(17)
             for request_id in result.sampled:
