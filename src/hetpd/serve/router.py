@@ -77,7 +77,6 @@ class WorkerHandle:
     max_model_len: int
     writer: asyncio.StreamWriter
     epoch: int = 1  # which registration of this worker id (a restarted worker comes back with the next)
-    pid: int | None = None
     last_heard: float = field(default_factory=time.monotonic)  # any frame from it counts
     responsive: bool = True  # heard within supervise.unresponsive_s: requests may go here
     stats: dict[str, Any] = field(default_factory=dict)
@@ -168,8 +167,8 @@ class Router:
         authenticated = False
         try:
             challenge = new_challenge()
-            await write_message(writer, {"op": "challenge", "nonce": challenge})
-            try:
+            try:  # every way out of the handshake gives its slot back
+                await write_message(writer, {"op": "challenge", "nonce": challenge})
                 hello = await asyncio.wait_for(read_message(reader, HELLO_MAX), timeout=HANDSHAKE_TIMEOUT_S)
             finally:
                 self._unauthenticated -= 1
@@ -210,7 +209,6 @@ class Router:
                 transport=str(hello["transport"]), max_num_seqs=int(hello["max_num_seqs"]),
                 block_size=int(hello["block_size"]), pages_total=int(hello["pages_total"]),
                 max_model_len=int(hello["max_model_len"]), writer=writer,
-                pid=int(hello["pid"]) if isinstance(hello.get("pid"), int) else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             writer.write(encode({"op": "rejected", "reason": f"malformed hello: {exc}"}))
@@ -543,6 +541,7 @@ class Router:
         for w in self.workers.values():
             if w.worker_id not in avoid and w.responsive:
                 by_role.setdefault(w.role, []).append(w)
+
         def fits(w: WorkerHandle) -> bool:  # a sequence slot and the prompt's pages (the rest queue here)
             return w.free_pages() >= -(-num_prompt_tokens // w.block_size) and len(w.assigned) < w.max_num_seqs
 
