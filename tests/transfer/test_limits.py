@@ -115,6 +115,34 @@ def test_the_ninth_connection_from_one_address_is_closed_at_once() -> None:
         assert eventually(lambda: threading.active_count() == baseline)
 
 
+@pytest.mark.parametrize("backend", ["tcp", "shm"])
+@pytest.mark.timeout(60)
+def test_trusted_senders_on_one_host_are_not_held_to_the_strangers_cap(backend: str) -> None:
+    """Twelve prefill workers on one host send to one decode worker: each sender keeps its
+    connection, all from 127.0.0.1, past the cap of 8 that only binds connections still proving
+    themselves. A stranger from that address still gets the strangers' 8 slots, no more."""
+    with make_receiver(backend, key=KEY, handshake_timeout=TIMEOUT) as receiver:
+        senders = [make_sender(backend, key=KEY) for _ in range(12)]
+        try:
+            regions = [bytearray(4096) for _ in senders]
+            for i, (sender, region) in enumerate(zip(senders, regions)):
+                dst = receiver.register_region(f"kv{i}", region)
+                receiver.expect(f"t{i}", f"kv{i}", nbytes=4096)
+                sender.register_region(f"src{i}", bytearray(bytes([i + 1]) * 4096))
+                sender.post(f"t{i}", f"src{i}", dst, [Span(0, 0, 4096)], final=True)
+                assert receiver.wait(f"t{i}", 10.0).status is TransferStatus.OK
+                assert sender.wait(f"t{i}", 10.0).status is TransferStatus.OK
+            assert all(region == bytes([i + 1]) * 4096 for i, region in enumerate(regions))
+            assert listener(receiver).live() == 12 and listener(receiver).refused == 0  # all kept, none refused
+            strangers = [rogue.raw_connect(dst) for _ in range(9)]
+            assert eventually(lambda: listener(receiver).refused == 1)  # the ninth stranger
+            for sock in strangers:
+                sock.close()
+        finally:
+            for sender in senders:
+                sender.close()
+
+
 @pytest.mark.timeout(30)
 def test_the_total_cap_holds_across_addresses() -> None:
     with make_receiver("shm", key=KEY, max_conns=4) as receiver:

@@ -28,8 +28,9 @@ _JSON_LEN = struct.Struct("!I")
 # Length-prefixed reads grow their buffer by at most this much per read: a 4-byte header
 # announcing 16 MiB costs 16 MiB only once 16 MiB actually arrived.
 _READ_STEP = 64 << 10
-MAX_CONNS_PER_PEER = 8  # live connections per peer IP address on one listener
-MAX_CONNS = 64  # live connections on one listener
+MAX_CONNS_PER_PEER = 8  # connections still proving themselves, per peer IP address, on one listener
+MAX_CONNS = 64  # connections still proving themselves on one listener
+MAX_PROVEN = 1024  # connections that proved themselves (a trusted sender each) on one listener
 
 
 class PeerGone(ConnectionError):
@@ -163,14 +164,20 @@ class Listener:
     thread per connection; the handler owns reads and returns when the peer is gone (the
     connection is then closed and forgotten, and its thread ends).
 
-    At most ``max_conns_per_peer`` live connections per peer IP address and ``max_conns`` in
-    all: a connection beyond either is closed at accept, without a thread (``refused`` counts
-    them), so a stranger opening sockets in a loop costs file descriptors briefly, not threads.
+    With ``prove_within``, every new connection gets that long (``conn.deadline``) to prove
+    itself; the handler clears the deadline once it has. At most ``max_conns_per_peer``
+    connections still proving themselves per peer IP address and ``max_conns`` in all, and
+    ``max_proven`` proven ones: a connection beyond a cap is closed at accept, without a thread
+    (``refused`` counts them), so a stranger opening sockets in a loop costs file descriptors
+    briefly, not threads, while any number of trusted senders on one host (several prefill
+    workers behind one address) are not held to the strangers' cap.
     """
 
     def __init__(self, host: str, port: int, handler: Callable[[Conn], None], io_timeout: float, name: str,
-                 *, max_conns_per_peer: int = MAX_CONNS_PER_PEER, max_conns: int = MAX_CONNS) -> None:
-        for value, what in ((max_conns_per_peer, "max_conns_per_peer"), (max_conns, "max_conns")):
+                 *, max_conns_per_peer: int = MAX_CONNS_PER_PEER, max_conns: int = MAX_CONNS,
+                 max_proven: int = MAX_PROVEN, prove_within: float | None = None) -> None:
+        for value, what in ((max_conns_per_peer, "max_conns_per_peer"), (max_conns, "max_conns"),
+                            (max_proven, "max_proven")):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{what} must be an int >= 1, got {value!r}")
         self._sock = socket.create_server((host, port))
@@ -182,6 +189,8 @@ class Listener:
         self._name = name
         self._max_per_peer = max_conns_per_peer
         self._max_conns = max_conns
+        self._max_proven = max_proven
+        self._prove_within = prove_within
         self.accepted = 0  # connections given a thread, in all
         self.refused = 0  # connections closed at accept because a cap was reached
         self._stopping = threading.Event()
@@ -208,13 +217,17 @@ class Listener:
                 if self._stopping.is_set():
                     sock.close()
                     return
-                from_peer = sum(1 for peer_ip, _ in self._live.values() if peer_ip == ip)
-                if from_peer >= self._max_per_peer or len(self._live) >= self._max_conns:
+                proving = [peer_ip for c, (peer_ip, _) in self._live.items()
+                           if self._prove_within is None or c.deadline is not None]
+                if proving.count(ip) >= self._max_per_peer or len(proving) >= self._max_conns \
+                        or len(self._live) - len(proving) >= self._max_proven:
                     self.refused += 1
                     sock.close()
                     continue
                 tune(sock)
                 conn = Conn(sock, self._io_timeout)
+                if self._prove_within is not None:
+                    conn.deadline = time.monotonic() + self._prove_within
                 thread = threading.Thread(target=self._run, args=(conn,), name=f"{self._name}-conn", daemon=True)
                 self._live[conn] = (ip, thread)
                 self.accepted += 1

@@ -1,7 +1,8 @@
 """The receiver half shared by the network backends (tcp push, shm and nixl pull). Pure Python.
 
-A listener with bounded resources (``net.Listener``: a thread per connection, at most
-``max_conns_per_peer`` per peer IP and ``max_conns`` in all), and the life of one connection:
+A listener with bounded resources (``net.Listener``: a thread per connection; of the
+connections still proving themselves at most ``max_conns_per_peer`` per peer IP and
+``max_conns`` in all), and the life of one connection:
 
 1. it must prove itself within ``handshake_timeout`` seconds: with a key, by the mutual
    handshake (``auth.receiver_handshake``: one fixed-size frame read, nothing else allocated);
@@ -17,7 +18,6 @@ between transfers, and the caps bound what idle ones hold.
 from __future__ import annotations
 
 import threading
-import time
 from abc import abstractmethod
 
 from hetpd.transfer.auth import HANDSHAKE_TIMEOUT_S, check_timeout, receiver_handshake
@@ -36,7 +36,8 @@ class NetReceiver(ReceiverCore):
         self._handshake_timeout = check_timeout(handshake_timeout, "handshake_timeout")
         self._stopping = threading.Event()
         self._listener = Listener(host, port, self._serve, io_timeout, f"hetpd-{self.backend}-recv",
-                                  max_conns_per_peer=max_conns_per_peer, max_conns=max_conns)
+                                  max_conns_per_peer=max_conns_per_peer, max_conns=max_conns,
+                                  prove_within=self._handshake_timeout)
 
     @abstractmethod
     def _serve_peer(self, conn: Conn) -> None:
@@ -55,7 +56,7 @@ class NetReceiver(ReceiverCore):
         super().close()
 
     def _serve(self, conn: Conn) -> None:
-        conn.deadline = time.monotonic() + self._handshake_timeout
+        # conn.deadline was set at accept (prove_within): the handshake or first frame clears it.
         try:
             if self._key is not None:
                 receiver_handshake(conn, self._key, self.token, self._stopping.is_set)
